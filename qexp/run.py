@@ -1,0 +1,98 @@
+"""``python -m qexp.run <overrides>``: compose one config and run one cell.
+
+load → quantize → adapt → train → merge → evaluate → record (→ export)
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import hydra
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+
+from . import adapt, data, models
+from .config import check_group_size, method_config, register, validate
+from .eval import perplexity
+from .methods import get as get_method
+from .quant import QuantSpec
+from .results import Record
+from .tracking import wandb_run
+from .train import train
+
+log = logging.getLogger("qexp")
+register()
+
+
+def run_cell(cfg: DictConfig) -> dict:
+    """Run one cell end to end and return its record (also written to ``result.json``)."""
+    validate(cfg)
+    rec = Record(cfg)
+    with rec.open(), wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
+        set_seed(cfg.seed, deterministic=True)
+        with rec.timer("load"):
+            model, tok = models.load(cfg.model, cfg.cache_dir)
+            targets = models.targets(model, list(cfg.model.targets))
+            check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
+            evalsets = {k: data.token_stream(data.documents(src), tok) for k, src in cfg.data.eval.items()}
+        calib = cache(lambda: data.calibration(cfg.data.calib or cfg.data.train, tok, cfg.quant.calib_samples,
+                                               cfg.quant.calib_seqlen, cfg.seed))
+        method = get_method(cfg.method.name)(method_config(cfg), QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym))
+
+        def evaluate(stage: str) -> None:
+            with rec.timer(f"eval_{stage}"):
+                for name, ids in evalsets.items():
+                    r = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size)
+                    rec.metrics[f"ppl/{name}/{stage}"] = r.pop("ppl")
+                    rec.data["eval"][name] = {k: r[k] for k in ("seqlen", "windows", "tokens")}
+
+        if cfg.eval.fp_reference:
+            evaluate("fp")
+        with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
+            adapt.attach(model, method, targets, cfg.quant, calib)
+        if cfg.eval.base:
+            evaluate("base")
+        if method.TRAINS:
+            chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen)
+            result = train(model, method, data.batches(chunks, cfg.train.batch_size, cfg.seed), cfg.train,
+                           tracker.log)
+            rec.data["train"] = {"steps": result["steps"], "loss_first": result["losses"][0],
+                                 "loss_last": result["losses"][-1], "losses": result["losses"]}
+            rec.data["timings"]["train_s"] = round(result["train_s"], 3)
+        if method.EVAL_UNMERGED:
+            evaluate("unmerged")
+        probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0)
+        with rec.timer("merge"):
+            rec.data["merge"] = adapt.merge(model, probe)
+        evaluate("final")
+        tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
+    return rec.data
+
+
+def summary(rec: dict) -> str:
+    """A few lines for the terminal."""
+    c = rec["config"]
+    lines = [f"cell {rec['cell_id']}: method={c['method']['name']} model={c['model']['name']} bits={c['bits']} "
+             f"group_size={c['group_size']} status={rec['status']}"]
+    for name in c["data"]["eval"]:
+        stages = [s for s in ("fp", "base", "unmerged", "final") if f"ppl/{name}/{s}" in rec["metrics"]]
+        lines.append(f"  ppl {name}: " + "  ".join(f"{s} {rec['metrics'][f'ppl/{name}/{s}']:.3f}" for s in stages))
+    m = rec["merge"]
+    lines.append(f"  merge: deployed={m.get('deployed')} lossless={m.get('lossless')} "
+                 f"max|Δlogit|={m.get('max_abs_logit_diff', float('nan')):.3g}")
+    t = rec["timings"]
+    lines.append(f"  time: total {t.get('total_s', 0):.1f}s (train {t.get('train_s', 0):.1f}s)  "
+                 f"peak RSS {rec['memory'].get('peak_rss_mb', 0):.0f} MB")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    rec = run_cell(cfg)
+    print(summary(rec))
+    print(f"  result: {rec['dir']}/result.json")
+
+
+if __name__ == "__main__":
+    main()

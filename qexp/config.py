@@ -164,7 +164,7 @@ def method_config(cfg: DictConfig) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(cls.Config), cfg.method)
     except Exception as e:  # omegaconf's ValidationError / ConfigKeyError
         fields = ", ".join(cls.Config.__dataclass_fields__)
-        raise ConfigError(f"method={cfg.method.name}: {e}. Valid keys: {fields}") from None
+        raise ConfigError(f"method={cfg.method.name}: {str(e).splitlines()[0]}. Valid keys: {fields}") from None
     return OmegaConf.to_object(merged)
 
 

@@ -15,8 +15,8 @@ from .conftest import tiny_llama
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def attach(model, name: str, cfg=None, spec=QuantSpec(3, 32)):
-    method = get(name)(cfg or get(name).Config(name=name), spec)
+def attach(model, name: str, cfg=None, spec: QuantSpec | None = None):
+    method = get(name)(cfg or get(name).Config(name=name), spec or QuantSpec(3, 32))
     adapt.attach(model, method, models.targets(model, TARGETS), QuantConfig(), calib=lambda: None)
     return method
 

@@ -84,6 +84,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     log_every: int = 5
+    checkpoint_every: int = 10  # optimizer steps between resumable checkpoints (0 = never)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Config:
     name: str = "adhoc"  # sweep / experiment name: results_dir/name/<cell>/result.json
     results_dir: str = "results"
     cache_dir: str = "~/.cache/qexp"
+    force: bool = False  # rerun a cell whose record says ok
 
 
 def register() -> None:

@@ -97,6 +97,8 @@ class Record:
     def __init__(self, cfg: DictConfig) -> None:
         self.dir = cell_dir(cfg)
         self.path = self.dir / "result.json"
+        self.checkpoint = self.dir / "checkpoint.pt"
+        self.previous = read(self.path) if self.path.exists() else {}
         self.data: dict[str, Any] = {
             "schema": SCHEMA, "cell_id": cell_id(cfg), "name": cfg.name, "dir": str(self.dir), "status": "running",
             "config": OmegaConf.to_container(cfg, resolve=True), "metrics": {}, "eval": {}, "merge": {},

@@ -26,47 +26,57 @@ register()
 
 
 def run_cell(cfg: DictConfig) -> dict:
-    """Run one cell end to end and return its record (also written to ``result.json``)."""
-    validate(cfg)
+    """Run one cell end to end and return its record (also written to ``result.json``).
+
+    A cell whose record says ``ok`` is skipped (``force=true`` reruns it); an interrupted cell
+    resumes from its last training checkpoint.
+    """
     rec = Record(cfg)
-    with rec.open(), wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
-        set_seed(cfg.seed, deterministic=True)
-        with rec.timer("load"):
-            model, tok = models.load(cfg.model, cfg.cache_dir)
-            targets = models.targets(model, list(cfg.model.targets))
-            check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
-            evalsets = {k: data.token_stream(data.documents(src), tok) for k, src in cfg.data.eval.items()}
-        calib = cache(lambda: data.calibration(cfg.data.calib or cfg.data.train, tok, cfg.quant.calib_samples,
-                                               cfg.quant.calib_seqlen, cfg.seed))
-        method = get_method(cfg.method.name)(method_config(cfg), QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym))
+    if rec.previous.get("status") == "ok" and not cfg.force:
+        log.info("skip %s: already done (force=true reruns)", rec.dir)
+        return rec.previous
+    with rec.open():
+        validate(cfg)
+        with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
+            set_seed(cfg.seed, deterministic=True)
+            with rec.timer("load"):
+                model, tok = models.load(cfg.model, cfg.cache_dir)
+                targets = models.targets(model, list(cfg.model.targets))
+                check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
+                evalsets = {k: data.token_stream(data.documents(src), tok) for k, src in cfg.data.eval.items()}
+            calib = cache(lambda: data.calibration(cfg.data.calib or cfg.data.train, tok, cfg.quant.calib_samples,
+                                                   cfg.quant.calib_seqlen, cfg.seed))
+            spec = QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym)
+            method = get_method(cfg.method.name)(method_config(cfg), spec)
 
-        def evaluate(stage: str) -> None:
-            with rec.timer(f"eval_{stage}"):
-                for name, ids in evalsets.items():
-                    r = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size)
-                    rec.metrics[f"ppl/{name}/{stage}"] = r.pop("ppl")
-                    rec.data["eval"][name] = {k: r[k] for k in ("seqlen", "windows", "tokens")}
+            def evaluate(stage: str) -> None:
+                with rec.timer(f"eval_{stage}"):
+                    for name, ids in evalsets.items():
+                        r = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size)
+                        rec.metrics[f"ppl/{name}/{stage}"] = r.pop("ppl")
+                        rec.data["eval"][name] = {k: r[k] for k in ("seqlen", "windows", "tokens")}
 
-        if cfg.eval.fp_reference:
-            evaluate("fp")
-        with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
-            adapt.attach(model, method, targets, cfg.quant, calib)
-        if cfg.eval.base:
-            evaluate("base")
-        if method.TRAINS:
-            chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen)
-            result = train(model, method, data.batches(chunks, cfg.train.batch_size, cfg.seed), cfg.train,
-                           tracker.log)
-            rec.data["train"] = {"steps": result["steps"], "loss_first": result["losses"][0],
-                                 "loss_last": result["losses"][-1], "losses": result["losses"]}
-            rec.data["timings"]["train_s"] = round(result["train_s"], 3)
-        if method.EVAL_UNMERGED:
-            evaluate("unmerged")
-        probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0)
-        with rec.timer("merge"):
-            rec.data["merge"] = adapt.merge(model, probe)
-        evaluate("final")
-        tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
+            if cfg.eval.fp_reference:
+                evaluate("fp")
+            with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
+                adapt.attach(model, method, targets, cfg.quant, calib)
+            if cfg.eval.base:
+                evaluate("base")
+            if method.TRAINS:
+                chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen)
+                result = train(model, method, chunks, cfg.train, cfg.seed, rec.checkpoint, tracker.log)
+                rec.data["train"] = {"steps": result["steps"], "resumed_from": result["resumed_from"],
+                                     "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
+                                     "losses": result["losses"]}
+                rec.data["timings"]["train_s"] = round(result["train_s"], 3)
+            if method.EVAL_UNMERGED:
+                evaluate("unmerged")
+            probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0)
+            with rec.timer("merge"):
+                rec.data["merge"] = adapt.merge(model, probe)
+            evaluate("final")
+            tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
+    rec.checkpoint.unlink(missing_ok=True)
     return rec.data
 
 

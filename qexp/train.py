@@ -3,21 +3,31 @@
 Why accelerate and not the HF Trainer: methods bring their own optimizers (t-SignSGD has no
 learning rate) and their own parameter groups, and the loop stays short enough to read in one
 sitting; accelerate still gives multi-GPU launch (``accelerate launch``) without code changes.
+
+Resumable: every ``checkpoint_every`` steps, and when SIGTERM/SIGUSR1 arrives (preemption),
+the trainable tensors, optimizer, scheduler, RNG, step and losses go to ``ckpt`` atomically.
+A rerun continues from there and ends with the losses an uninterrupted run would have had.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import TrainConfig
+from .data import batches
 from .methods import Method
 
 
@@ -25,43 +35,88 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-def train(model: nn.Module, method: Method, batches: Iterator[dict], cfg: TrainConfig,
-          log: Callable[[dict, int], None] = lambda m, s: None) -> dict:
-    """Run ``cfg.steps`` optimizer steps; returns ``{"losses", "train_s", "steps"}``."""
+class Preempted(RuntimeError):
+    """A stop signal arrived; the checkpoint is saved and a rerun resumes from it."""
+
+
+def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, seed: int,
+          ckpt: Path | None = None, log: Callable[[dict, int], None] = lambda m, s: None) -> dict:
+    """Run ``cfg.steps`` optimizer steps; returns ``{"losses", "train_s", "steps", "resumed_from"}``."""
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     opt = method.optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps)
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                           num_training_steps=cfg.steps)
+    start, losses = _restore(ckpt, model, opt, sched)
     model, opt, sched = acc.prepare(model, opt, sched)
     params = [p for g in opt.param_groups for p in g["params"]]
+    data: Iterator[dict] = batches(chunks, cfg.batch_size, seed, start=start * cfg.grad_accum)
     model.train()
-    losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"train {method.name}", disable=not acc.is_local_main_process)
-    for step in bar:
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(acc.device) for k, v in next(batches).items()}
-            with acc.accumulate(model):
-                loss = model(**batch).loss
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-            total += loss.item() / cfg.grad_accum
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}")
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log({"train/loss": total, "train/lr": sched.get_last_lr()[0]}, step + 1)
+    bar = tqdm(range(start, cfg.steps), desc=f"train {method.name}", initial=start, total=cfg.steps,
+               disable=not acc.is_local_main_process)
+    with _stop_signals() as stop:
+        for step in bar:
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(acc.device) for k, v in next(data).items()}
+                with acc.accumulate(model):
+                    loss = model(**batch).loss
+                    if not math.isfinite(loss.item()):
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad()
+                total += loss.item() / cfg.grad_accum
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                log({"train/loss": total, "train/lr": sched.get_last_lr()[0]}, step + 1)
+            due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            if ckpt and step + 1 < cfg.steps and (due or stop.is_set()):
+                _save(ckpt, acc.unwrap_model(model), opt, sched, step + 1, losses)
+            if stop.is_set():
+                raise Preempted(f"stop signal at step {step + 1}/{cfg.steps}; rerun the same command to resume")
     model.eval()
     acc.free_memory()
-    return {"losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps}
+    return {"losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps, "resumed_from": start}
 
 
-@torch.no_grad()
-def max_logit_diff(before: torch.Tensor, after: torch.Tensor) -> float:
-    return float((before.float() - after.float()).abs().max())
+def _save(path: Path, model: nn.Module, opt, sched, step: int, losses: list[float]) -> None:
+    state = {"step": step, "losses": losses, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": torch.get_rng_state(),
+             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _restore(path: Path | None, model: nn.Module, opt, sched) -> tuple[int, list[float]]:
+    if path is None or not path.exists():
+        return 0, []
+    state = torch.load(path, weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], list(state["losses"])
+
+
+@contextmanager
+def _stop_signals():
+    """An Event set by SIGTERM / SIGUSR1 (cluster preemption) while training runs."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 SCHEMA = 1
@@ -48,7 +49,11 @@ def cell_dir(cfg: DictConfig) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic write: a temp file in the same directory, then rename over ``path``."""
+    """Atomic write: a temp file in the same directory, then rename over ``path``.
+
+    Under ``accelerate launch`` only the main process writes."""
+    if not PartialState().is_main_process:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:

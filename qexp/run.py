@@ -9,6 +9,7 @@ import logging
 from functools import cache
 
 import hydra
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
@@ -41,6 +42,7 @@ def run_cell(cfg: DictConfig) -> dict:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
                 model, tok = models.load(cfg.model, cfg.cache_dir)
+                model.to(PartialState().device)  # the GPU when there is one (accelerate's choice)
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
                 evalsets = {k: data.token_stream(data.documents(src), tok) for k, src in cfg.data.eval.items()}
@@ -71,7 +73,7 @@ def run_cell(cfg: DictConfig) -> dict:
                 rec.data["timings"]["train_s"] = round(result["train_s"], 3)
             if method.EVAL_UNMERGED:
                 evaluate("unmerged")
-            probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0)
+            probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0).to(model.device)
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")

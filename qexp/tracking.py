@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -33,7 +34,7 @@ class Tracker:
 @contextmanager
 def wandb_run(cfg: DictConfig, run_id: str, run_dir: Path, run_name: str) -> Iterator[Tracker]:
     """A W&B run for one cell, always finished (exit code 1 if the cell raised)."""
-    if cfg.tracking.mode == "disabled":
+    if cfg.tracking.mode == "disabled" or not PartialState().is_main_process:
         yield Tracker()
         return
     os.environ.setdefault("WANDB_SILENT", "true")

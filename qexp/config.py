@@ -65,7 +65,7 @@ class QuantConfig:
     sym: bool = False
     range: str = "minmax"  # minmax | lp (range search minimising sum |W - Q(W)|^p)
     p: float = 4.0
-    grid: int = 100
+    grid: int = 20  # range-search candidates (LR-QAT uses 100: quant.grid=100; slow on CPU)
     calib_samples: int = 128  # GPTQ calibration sequences
     calib_seqlen: int = 256
     damp: float = 0.01  # GPTQ dampening, fraction of mean diag(H)

@@ -6,7 +6,9 @@ load → quantize → adapt → train → merge → evaluate → record (→ exp
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
+from pathlib import Path
 
 import hydra
 from accelerate import PartialState
@@ -24,6 +26,8 @@ from .train import train
 
 log = logging.getLogger("qexp")
 register()
+# conf/config.yaml adds $QEXP_ROOT/experiments to Hydra's search path (`+experiment=<name>`).
+os.environ.setdefault("QEXP_ROOT", str(Path(__file__).resolve().parents[1]))
 
 
 def run_cell(cfg: DictConfig) -> dict:

@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = sorted(set(res.df["sweep"].dropna())) if len(res.df) else []
     group = sweeps[0] if len(sweeps) == 1 else src.name
     for n in names:
-        t = table(res.df, n, a.paper_model, a.stage)
+        try:
+            t = table(res.df, n, a.paper_model, a.stage)
+        except KeyError as e:
+            p.error(str(e.args[0]))
         md = t.markdown()
         print("\n" + md)
         (out / f"{n}.md").write_text(md)

@@ -98,6 +98,11 @@ def test_lota_table_has_paper_values_in_the_right_cells(res):
     assert "28.50 [55.89]" in md and "Different models" in md and "ORDERING" in md
     assert "quant.init=rtn" in md  # the fixture's qlora did not use the paper's GPTQ base: said so
     assert "\\begin{table}" in t.latex() and "55.89" in t.latex()
+    # no unmerged accuracy for qlora (eval.accuracy_stages without it): the merged value, and a note saying so
+    df = res.df[~((res.df["method"] == "qlora") & (res.df["metric"] == "acc/mmlu5/unmerged"))]
+    t = analysis.table(df, "lota_t1")
+    assert t.frame().at[ROW3, ("Avg", "qlora", "ours")] == pytest.approx(26.0)
+    assert "qlora: no `unmerged` value for Avg, its `final` shown" in t.notes
 
 
 def test_lrqat_table_granularity_and_paper_only_layout(res):

@@ -231,7 +231,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         for k, v in where.items():
             p = p[p[k] == v]
         rows = p[keys].drop_duplicates().to_dict("records")
-    recs, used, group_swaps = [], set(), set()
+    recs, used, group_swaps, fallbacks = [], set(), set(), set()
     labels = {m: _label(m, csv) for m in sp["methods"]}
     recs_csv = list(csv.itertuples(index=False))
     recs_ours = list(ours.astype(object).where(ours.notna(), None).itertuples(index=False))
@@ -246,14 +246,17 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
                 p, pg = _paper(recs_csv, pm, label, row, col, sp)
                 if metric:
                     used.add(metric)
+                    want = sp.get("stages", {}).get(m)
+                    if want and M.parse(metric).stage != want:
+                        fallbacks.add(f"{m}: no `{want}` value for {col['label']}, its `{M.parse(metric).stage}` shown")
                 if not pd.isna(pg) and row.get("group_size") not in (None, pg):
                     group_swaps.add((row["group_size"], int(pg)))
                 recs.append({**{k: row[k] for k in keys}, "paper_model": pm, "column": col["label"], "method": m,
                              "label": label, "ours": o, "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign})
     values = pd.DataFrame(recs)
     order = ordering(values, sp, [*keys, "paper_model"])
-    return Table(name, sp, values.drop(columns="sign"), order,
-                 _notes(sp, values, keys, used, group_swaps, stage, ours))
+    notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
+    return Table(name, sp, values.drop(columns="sign"), order, notes[:1] + sorted(fallbacks) + notes[1:])
 
 
 def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: set, stage: str,

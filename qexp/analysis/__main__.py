@@ -1,0 +1,80 @@
+"""``python -m qexp.analysis results/<sweep> [--table lota_t1 ...] [--list] [--wandb]``.
+
+Prints the cells and the requested paper tables, and writes next to them (``--out``, default
+``<results>/analysis``): ``records.csv`` (tidy), ``cells.csv``, ``<table>.md/.tex/.csv`` and the plots (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from . import flat, list_tables, load, log_table, save_plots, table, wide
+from .tables import registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qexp.analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", help="results dir, W&B export (.csv/.json/.jsonl) or wandb:<entity>/<project>")
+    p.add_argument("--table", action="append", default=[], help="paper table to fill (repeatable; 'all')")
+    p.add_argument("--list", action="store_true", help="list the paper tables and exit")
+    p.add_argument("--paper-model", help="the paper's model to compare with (default: the table's reference)")
+    p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
+    p.add_argument("--out", help="output directory (default: <source>/analysis)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--wandb", action="store_true", help="log the tables as wandb.Table (group = the sweep)")
+    p.add_argument("--project", default="qexp")
+    p.add_argument("--entity")
+    p.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
+    a = p.parse_args(argv)
+    if a.list:
+        print(list_tables().to_string(index=False))
+        return 0
+    if not a.source:
+        p.error("a results source is required (or --list)")
+    names = list(registry()["tables"]) if "all" in a.table else a.table
+    for n in names:
+        if n not in registry()["tables"]:
+            p.error(f"--table {n!r} is not defined; choose one of: {', '.join(registry()['tables'])}, all")
+    res = load(a.source)
+    print(res)
+    if len(res.failed):
+        print("not ok (left out):")
+        print(res.failed[["status", "method", "bits", "error", "path"]].to_string(index=False))
+    src = Path(a.source)
+    out = Path(a.out) if a.out else (src if src.is_dir() else Path(".")) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    flat(res.df).to_csv(out / "records.csv", index=False)
+    cells = wide(res.df, a.stage)
+    cells.to_csv(out / "cells.csv", index=False)
+    sweeps = sorted(set(res.df["sweep"].dropna())) if len(res.df) else []
+    group = sweeps[0] if len(sweeps) == 1 else src.name
+    for n in names:
+        try:
+            t = table(res.df, n, a.paper_model, a.stage)
+        except KeyError as e:
+            p.error(str(e.args[0]))
+        md = t.markdown()
+        print("\n" + md)
+        (out / f"{n}.md").write_text(md)
+        (out / f"{n}.tex").write_text(t.latex())
+        flat(t.frame()).to_csv(out / f"{n}.csv", index=False)
+        if a.wandb:
+            print(f"W&B: {n} -> {log_table(t, a.project, group, mode=a.wandb_mode, entity=a.entity, dir=out)}")
+    if a.wandb and not names:
+        print(f"W&B: cells -> {log_table(cells, a.project, group, 'cells', a.wandb_mode, a.entity, dir=out)}")
+    if not a.no_plots and len(res.df):
+        for path in save_plots(res.df, out):
+            print(f"plot: {path}")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Records → one tidy DataFrame: one row per cell × metric, config flattened into columns.
+
+Sources: a directory (every ``result.json`` below it), a W&B runs export (``.csv`` from the runs
+table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), or
+``wandb:<entity>/<project>`` (the W&B API; needs a login). Records that are not ``ok`` (failed,
+running, corrupt) go to :attr:`Results.failed` and never into the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import metrics as M
+
+CELL = ["sweep", "model", "method", "bits", "group_size", "seed", "dataset", "cell_id"]
+TIDY = [*CELL, "metric", "kind", "target", "stage", "value"]
+FAILED = ["status", "error", "sweep", "model", "method", "bits", "group_size", "seed", "path"]
+# Config keys that are not columns: not part of the result, or already a CELL column.
+SKIP = ("tracking", "results_dir", "cache_dir", "force", "name", "bits", "group_size", "seed", "model.name",
+        "method.name", "data.name", "model.random", "data.train", "data.eval", "data.calib", "_wandb")
+WANDB_STATES = {"finished": "ok", "failed": "failed", "crashed": "failed", "killed": "failed", "running": "running"}
+
+
+@dataclass
+class Results:
+    """``df``: ok cells, one row per cell × metric. ``failed``: the records left out, and why."""
+
+    df: pd.DataFrame
+    failed: pd.DataFrame
+
+    def cells(self, stage: str | None = "final") -> pd.DataFrame:
+        """Wide view: one row per cell, one column per metric of ``stage`` (plus time/mem/size)."""
+        return wide(self.df, stage)
+
+    def __repr__(self) -> str:
+        n = self.df["cell_id"].nunique() if len(self.df) else 0
+        return f"Results({n} ok cells, {len(self.df)} metric rows, {len(self.failed)} not ok)"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → dotted keys; lists → comma-joined strings."""
+    if not isinstance(d, dict):
+        return {prefix: ",".join(map(str, d)) if isinstance(d, list) else d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        *head, last = k.split(".")
+        node = out
+        for h in head:
+            node = node.setdefault(h, {}) if isinstance(node.get(h, {}), dict) else {}
+        node[last] = v
+    return out
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return None
+
+
+def record_metrics(rec: dict) -> dict[str, float]:
+    """The record's metrics plus its timings, memory, merge report, losses and size as metrics."""
+    out = {k: v for k, v in (rec.get("metrics") or {}).items() if _num(v) is not None}
+    sections = {"time": rec.get("timings"), "mem": rec.get("memory"), "merge": rec.get("merge"),
+                "train": {k: v for k, v in (rec.get("train") or {}).items() if k.startswith("loss_")},
+                "size": rec.get("size"), "export": rec.get("export")}
+    for kind, sec in sections.items():
+        for k, v in flatten(sec or {}).items():
+            if _num(v) is not None:
+                out[f"{kind}/{k.removesuffix('_s') if kind == 'time' else k}"] = v
+    return {M.parse(k).name: float(_num(v)) for k, v in out.items()}
+
+
+def cell_info(rec: dict, path: str) -> dict[str, Any]:
+    cfg = rec.get("config") or {}
+
+    def name(key: str) -> Any:
+        v = cfg.get(key)
+        return v.get("name") if isinstance(v, dict) else v
+
+    return {"sweep": rec.get("name") or cfg.get("name"), "model": name("model"), "method": name("method"),
+            "bits": cfg.get("bits"), "group_size": cfg.get("group_size"), "seed": cfg.get("seed"),
+            "dataset": name("data"), "cell_id": rec.get("cell_id") or path, "path": path}
+
+
+def config_columns(cfg: dict) -> dict[str, Any]:
+    return {k: v for k, v in flatten(cfg).items() if not any(k == s or k.startswith(f"{s}.") for s in SKIP)}
+
+
+def read_json(path: Path) -> dict:
+    """A record, or ``{"status": "corrupt", "error": ...}`` if it cannot be read as one."""
+    try:
+        rec = json.loads(Path(path).read_text())
+        if not isinstance(rec, dict) or "status" not in rec:
+            raise ValueError("not a qexp record (no 'status')")
+        if rec["status"] == "ok" and not isinstance(rec.get("config"), dict):
+            raise ValueError("ok record without a config")
+        return rec
+    except (OSError, ValueError) as e:
+        return {"status": "corrupt", "error": f"{type(e).__name__}: {e}"}
+
+
+def from_records(recs: list[tuple[str, dict]]) -> Results:
+    """(path, record) pairs → :class:`Results`."""
+    rows, failed = [], []
+    for path, rec in recs:
+        info = cell_info(rec, path)
+        if rec.get("status") != "ok":
+            failed.append({**{k: info.get(k) for k in FAILED}, "status": rec.get("status"),
+                           "error": rec.get("error")})
+            continue
+        cfg = config_columns(rec["config"])
+        for name, value in record_metrics(rec).items():
+            m = M.parse(name)
+            rows.append({**info, "metric": m.name, "kind": m.kind, "target": m.target, "stage": m.stage,
+                         "value": value, **cfg})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=[*TIDY, "path"])
+    for c in ("bits", "group_size", "seed"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    df = df[[*TIDY, *sorted(c for c in df.columns if c not in TIDY and c != "path"), "path"]]
+    bad = pd.DataFrame(failed, columns=FAILED)
+    for c in ("bits", "group_size", "seed"):
+        bad[c] = pd.to_numeric(bad[c], errors="coerce").astype("Int64")
+    return Results(df.reset_index(drop=True), bad)
+
+
+def wandb_record(config: dict, summary: dict, state: str | None, name: str | None = None) -> dict:
+    """One W&B run (config, summary, state) as a qexp record."""
+    status = WANDB_STATES.get(str(state).lower(), str(state).lower()) if state else "ok"
+    return {"status": status, "name": config.get("name"), "cell_id": name, "config": config,
+            "metrics": {k: v for k, v in summary.items() if M.is_metric(k) and _num(v) is not None},
+            "error": None if status == "ok" else f"W&B run state: {state}"}
+
+
+def from_wandb_csv(path: Path) -> list[tuple[str, dict]]:
+    """The W&B runs-table CSV export: config as ``a.b`` columns, summary metrics as their names."""
+    df = pd.read_csv(path)
+    low = {c.lower(): c for c in df.columns}
+    out = []
+    for i, row in df.iterrows():
+        vals = {c: (None if pd.isna(v) else v) for c, v in row.items()}
+        metrics = {c: v for c, v in vals.items() if M.is_metric(c)}
+        config = unflatten({c: v for c, v in vals.items() if c not in metrics and c.lower() not in ("state", "name")})
+        run = vals.get(low["name"]) if "name" in low else f"row{i}"
+        out.append((f"{path}#{run}", wandb_record(config, metrics, vals.get(low.get("state", "")), run)))
+    return out
+
+
+def from_wandb_api(project: str) -> list[tuple[str, dict]]:
+    """Runs of ``<entity>/<project>`` through the W&B API (online)."""
+    import wandb
+
+    runs = wandb.Api().runs(project)
+    return [(f"wandb:{project}/{r.id}", wandb_record(dict(r.config), dict(r.summary), r.state, r.id)) for r in runs]
+
+
+def load(source: str | Path) -> Results:
+    """Every record under ``source`` (see the module docstring for the accepted sources)."""
+    s = str(source)
+    if s.startswith("wandb:"):
+        return from_records(from_wandb_api(s.removeprefix("wandb:")))
+    p = Path(source)
+    if p.is_dir():
+        return from_records([(str(f), read_json(f)) for f in sorted(p.rglob("result.json"))])
+    if p.suffix == ".csv":
+        return from_records(from_wandb_csv(p))
+    if p.suffix in (".json", ".jsonl") and p.exists():
+        text = p.read_text()
+        runs = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        runs = runs if isinstance(runs, list) else [runs]
+        return from_records([(f"{p}#{i}", r if "status" in r else
+                              wandb_record(r.get("config", {}), r.get("summary", {}), r.get("state"), r.get("name")))
+                             for i, r in enumerate(runs)])
+    raise FileNotFoundError(f"results source {s!r}: not a directory of result.json files, a W&B export "
+                            f"(.csv/.json/.jsonl) or wandb:<entity>/<project>")
+
+
+def wide(df: pd.DataFrame, stage: str | None = "final") -> pd.DataFrame:
+    """One row per cell; columns: the metrics of ``stage`` (and the stage-less ones: time, mem, ...)."""
+    sel = df[(df["stage"] == stage) | df["stage"].isna()] if stage else df
+    keys = [c for c in CELL if c != "cell_id"] + ["cell_id"]
+    out = sel.groupby([*keys, "metric"], dropna=False)["value"].mean().unstack("metric")
+    return out.dropna(axis=1, how="all").reset_index().rename_axis(columns=None)

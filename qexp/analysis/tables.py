@@ -1,0 +1,297 @@
+"""The papers' tables, filled from records: ours beside the paper's number, and whether the paper's
+ordering between methods holds in ours. The tables are data (``tables.yaml``); the paper's numbers are
+``paper_tables.csv`` (2,109 values from the five papers)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import metrics as M
+
+
+@cache
+def registry() -> dict:
+    """``tables.yaml``: model and method names, and the table specs."""
+    return yaml.safe_load(resources.files(__package__).joinpath("tables.yaml").read_text())
+
+
+def _group(s: str) -> float:
+    s = str(s)
+    if "per-channel" in s:
+        return -1
+    m = re.match(r"-?\d+", s)
+    return float(m.group()) if m else np.nan
+
+
+@cache
+def paper_values() -> pd.DataFrame:
+    """The CSV, with numeric ``bits_n`` (``4+16`` → 4), ``group_n`` (per-channel → -1) and ``value_f``."""
+    with resources.files(__package__).joinpath("paper_tables.csv").open() as f:
+        df = pd.read_csv(f, dtype=str, keep_default_na=False)
+    df["bits_n"] = pd.to_numeric(df["bits"].str.extract(r"^(\d+)")[0], errors="coerce")
+    df["group_n"] = df["group_size"].map(_group)
+    df["value_f"] = pd.to_numeric(df["value"], errors="coerce")
+    return df
+
+
+def spec(name: str) -> dict:
+    tables = registry()["tables"]
+    if name not in tables:
+        raise KeyError(f"table={name!r} is not defined; choose one of: {', '.join(tables)}")
+    return tables[name]
+
+
+def list_tables() -> pd.DataFrame:
+    """Name, paper, table, title and reference model of every table in the registry."""
+    return pd.DataFrame([{"name": k, "paper": s["paper"], "table": s["table"], "paper_model": s["paper_model"],
+                          "title": s["title"]} for k, s in registry()["tables"].items()])
+
+
+def fmt(v: float) -> str:
+    if v is None or pd.isna(v):
+        return "–"
+    return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
+
+
+@dataclass
+class Table:
+    """A filled table: ``values`` (long: row, column, method, ours, paper), ``ordering`` (one row per
+    method pair and column), ``notes`` (what the reader must know), and wide / Markdown / LaTeX views."""
+
+    name: str
+    spec: dict
+    values: pd.DataFrame
+    ordering: pd.DataFrame
+    notes: list[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return [*self.spec["rows"], "paper_model"]
+
+    def direction(self) -> pd.Series:
+        """Per row: how many of the paper's method orderings hold in ours, and which flipped."""
+        groups = {k: g for k, g in self.ordering.groupby(self.keys, sort=False)}
+        out = {}
+        for key in self.values[self.keys].drop_duplicates().itertuples(index=False, name=None):
+            o = groups.get(key)
+            if o is None:
+                out[key] = "no pair with both values"
+                continue
+            flips = o[~o["holds"]]
+            s = f"{int(o['holds'].sum())}/{len(o)} hold"
+            if len(flips):
+                shown = [f"{r.better} vs {r.worse} ({r.column})" for r in flips.head(3).itertuples()]
+                s += "; flipped: " + ", ".join(shown) + (f", +{len(flips) - 3} more" if len(flips) > 3 else "")
+            out[key] = s
+        return pd.Series(out, name="direction").rename_axis(self.keys)
+
+    def frame(self) -> pd.DataFrame:
+        """Rows: the row keys and paper model; columns: (column, method, ours|paper) and ``direction``."""
+        v = self.values.set_index([*self.keys, "column", "method"])[["ours", "paper"]]
+        w = v.unstack(["column", "method"]).reorder_levels([1, 2, 0], axis=1)
+        order = [(c["label"], m, s) for c in self.spec["columns"] for m in self.spec["methods"]
+                 for s in ("ours", "paper")]
+        w = w.reindex(columns=pd.MultiIndex.from_tuples(order, names=["column", "method", "source"]))
+        w[("direction", "", "")] = self.direction()
+        return w
+
+    def display(self) -> pd.DataFrame:
+        """Strings ``ours [paper]`` per (column, paper label); row keys as columns."""
+        f = self.frame()
+        labels = dict(zip(self.values["method"], self.values["label"], strict=False))
+        out = pd.DataFrame({f"{c['label']}: {labels.get(m) or m + ' (not in paper)'}":
+                            [f"{fmt(o)} [{fmt(p)}]" for o, p in zip(f[(c["label"], m, "ours")],
+                                                                     f[(c["label"], m, "paper")], strict=True)]
+                            for c in self.spec["columns"] for m in self.spec["methods"]}, index=f.index)
+        out["direction"] = f[("direction", "", "")]
+        out = out.reset_index()
+        if "group_size" in out:
+            out["group_size"] = out["group_size"].map(lambda g: "per-channel" if g == -1 else g)
+        return out
+
+    def markdown(self) -> str:
+        d = self.display()
+        lines = [f"**{self.spec['paper']} {self.spec['table']}** ({self.name}): {self.spec['title']}", ""]
+        lines += [f"- {n}" for n in self.notes] + [""]
+        lines.append("| " + " | ".join(map(str, d.columns)) + " |")
+        lines.append("|" + "---|" * len(d.columns))
+        lines += ["| " + " | ".join(map(str, r)) + " |" for r in d.itertuples(index=False)]
+        return "\n".join(lines) + "\n"
+
+    def latex(self) -> str:
+        d = self.display()
+        head = "\n".join(f"% {n}" for n in self.notes)
+        caption = f"{self.spec['paper']} {self.spec['table']}: ours [paper]"
+        return head + "\n" + d.to_latex(index=False, escape=True, caption=caption, label=f"tab:{self.name}")
+
+
+def _paper_model(model: str, csv: pd.DataFrame, ref: str) -> str:
+    for alias in registry()["models"].get(model) or []:
+        if (csv["model"] == alias).any():
+            return alias
+    return ref
+
+
+def _label(method: str, csv: pd.DataFrame) -> str | None:
+    return next((a for a in registry()["methods"].get(method, []) if (csv["method"] == a).any()), None)
+
+
+def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str) -> tuple[float, str | None, int]:
+    """Mean of our metric for this row and method (×100 for accuracies), the metric name, the cell count.
+    ``recs``: the tidy rows as tuples (plain Python filtering: far faster than DataFrame masks here)."""
+    fixed = [] if method in registry()["sixteen_bit"] else [k for k in ("bits", "group_size") if k in row]
+    sel = [r for r in recs if r.model == row["model"] and method in ("fp16", r.method)
+           and all(getattr(r, k) == row[k] for k in fixed)]
+    stages = ["fp"] if method == "fp16" else list(dict.fromkeys([sp.get("stages", {}).get(method, stage), stage]))
+    have = {r.metric for r in sel}
+    name = next((n for st in stages if (n := M.pick(have, col["ours"], st))), None)
+    if name is None:
+        return np.nan, None, 0
+    hit = [r for r in sel if r.metric == name]
+    return float(np.mean([r.value for r in hit])) * M.scale(name), name, len({r.cell_id for r in hit})
+
+
+def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict) -> tuple[float, float]:
+    """The paper's value for this row, method and column, and the paper's group size it came from."""
+    prefixes = tuple(col["paper"])
+    c = [r for r in csv if r.model == pm and r.method == label and r.dataset_or_task.startswith(prefixes)]
+    if "bits" in row:
+        at = [r for r in c if r.bits_n == row["bits"]]
+        if not at:  # 16-bit rows (FP16, LoRA) stand beside every bit width
+            at = [r for r in c if r.bits_n == 16]
+            return (at[0].value_f, np.nan) if at else (np.nan, np.nan)
+        c = at
+    g = row.get("group_size")
+    for pref in ([g] if g == -1 else [g, sp.get("paper_group")]):
+        if pref is not None and any(r.group_n == pref for r in c):
+            c = [r for r in c if r.group_n == pref]
+            break
+    else:
+        if "group_size" in sp["rows"]:  # never show a per-channel number in a grouped row or vice versa
+            return np.nan, np.nan
+    return (c[0].value_f, c[0].group_n) if c else (np.nan, np.nan)
+
+
+def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
+    """For each row and column, every pair of methods with ours and paper values: does the paper's better
+    method (by the metric's direction) also come out better in ours? Ties in the paper are skipped."""
+    out = []
+    for key, g in values.groupby([*keys, "column"], sort=False):
+        key, col = key[:-1], key[-1]
+        sign = g["sign"].iloc[0]
+        g = g.dropna(subset=["ours", "paper"]).set_index("method")
+        for a, b in combinations([m for m in sp["methods"] if m in g.index], 2):
+            dp = sign * (g.at[a, "paper"] - g.at[b, "paper"])
+            if dp == 0 or not sign:
+                continue
+            better, worse = (a, b) if dp > 0 else (b, a)
+            do = sign * (g.at[better, "ours"] - g.at[worse, "ours"])
+            out.append({**dict(zip(keys, key, strict=True)), "column": col, "better": better, "worse": worse,
+                        "paper_diff": abs(dp), "ours_diff": do, "holds": bool(do > 0)})
+    cols = [*keys, "column", "better", "worse", "paper_diff", "ours_diff", "holds"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: str = "final") -> Table:
+    """Fill table ``name`` (see :func:`list_tables`) from the tidy records ``df``.
+
+    Rows come from our records (each row's model maps to the paper's name, or, when the paper has no
+    such model, e.g. at embedded scale, to ``paper_model``, default: the table's reference model).
+    With no matching records, the rows are the reference model's, ours empty."""
+    sp = spec(name)
+    ref = paper_model or sp["paper_model"]
+    allcsv = paper_values()
+    csv = allcsv[(allcsv["paper"] == sp["paper"]) & (allcsv["table"] == sp["table"])]
+    if ref not in set(csv["model"]):
+        raise KeyError(f"paper_model={ref!r} is not in {sp['paper']} {sp['table']}; choose one of: "
+                       f"{', '.join(sorted(set(csv['model'])))}")
+    csv = csv[["model", "method", "dataset_or_task", "bits_n", "group_n", "value_f"]]
+    where, keys = sp.get("where", {}), list(sp["rows"])
+    real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
+    expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
+    ours = df[["model", "method", "bits", "group_size", "cell_id", "metric", "value", *expect]]
+    for k, v in where.items():
+        ours = ours[(ours[k] == v) | ours["method"].isin(registry()["sixteen_bit"])]
+    base = ours[ours["method"].isin(real)]
+    if base.empty:  # only 16-bit methods (e.g. lora) ran: their cells still make the rows
+        base = ours[ours["method"].isin(set(sp["methods"]) - {"fp16"})]
+    if len(base):
+        rows = base[keys].drop_duplicates().sort_values(keys).to_dict("records")
+    else:  # the paper's layout for the reference model, ours empty
+        p = csv[(csv["model"] == ref) & (csv["bits_n"] != 16)]
+        p = p.rename(columns={"bits_n": "bits", "group_n": "group_size"})
+        for k, v in where.items():
+            p = p[p[k] == v]
+        rows = p[keys].drop_duplicates().to_dict("records")
+    recs, used, group_swaps, fallbacks = [], set(), set(), set()
+    labels = {m: _label(m, csv) for m in sp["methods"]}
+    recs_csv = list(csv.itertuples(index=False))
+    recs_ours = list(ours.astype(object).where(ours.notna(), None).itertuples(index=False))
+    for row in rows:
+        row = {**where, **{k: (int(v) if k != "model" else v) for k, v in row.items()}}
+        pm = _paper_model(row["model"], csv, ref) if "model" in row else ref
+        for col in sp["columns"]:
+            sign = M.direction(col["ours"][0]) or 0
+            for m in sp["methods"]:
+                o, metric, n = _ours(recs_ours, row, m, col, sp, stage)
+                label = labels[m]
+                p, pg = _paper(recs_csv, pm, label, row, col, sp)
+                if metric:
+                    used.add(metric)
+                    want = sp.get("stages", {}).get(m)
+                    if want and M.parse(metric).stage != want:
+                        fallbacks.add(f"{m}: no `{want}` value for {col['label']}, its `{M.parse(metric).stage}` shown")
+                if not pd.isna(pg) and row.get("group_size") not in (None, pg):
+                    group_swaps.add((row["group_size"], int(pg)))
+                recs.append({**{k: row[k] for k in keys}, "paper_model": pm, "column": col["label"], "method": m,
+                             "label": label, "ours": o, "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign})
+    values = pd.DataFrame(recs)
+    order = ordering(values, sp, [*keys, "paper_model"])
+    notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
+    return Table(name, sp, values.drop(columns="sign"), order, notes[:1] + sorted(fallbacks) + notes[1:])
+
+
+def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: set, stage: str,
+           ours: pd.DataFrame) -> list[str]:
+    per = "".join(f", {m}: `{s}`" for m, s in sp.get("stages", {}).items())
+    notes = [f"Cells: ours [paper]. Ours = mean over matching cells of the record metric at stage `{stage}` "
+             f"(fp16: `fp`{per}); accuracies ×100. –: no value."]
+    foreign = sorted({(r.model, r.paper_model) for r in values.itertuples() if r.paper_model != r.model
+                      and r.paper_model not in (registry()["models"].get(r.model) or [])}) if "model" in keys else []
+    if foreign:
+        pairs = ", ".join(f"{a} beside {b}" for a, b in foreign)
+        notes.append(f"**Different models**: {pairs}. The paper's numbers are for another model (at embedded "
+                     "scale for a far larger one): compare the ORDERING of methods (direction), not the values.")
+    for ours_g, paper_g in sorted(swaps):
+        notes.append(f"Ours at group_size {ours_g} beside the paper's group {paper_g}.")
+    if used:
+        bases: dict[str, list[str]] = {}
+        for u in sorted(used):
+            m = M.parse(u)
+            bases.setdefault(f"{m.kind}/{m.target}", []).append(m.stage or "")
+        notes.append("Our metrics: " + ", ".join(f"`{b}` ({', '.join(s)})" for b, s in bases.items()) + ".")
+    stand = sorted({f"{M.parse(u).kind}/{M.parse(u).target}" for u in used if M.is_standin(u)})
+    if stand:
+        notes.append("Offline stand-ins / samples (" + ", ".join(stand) + ") are NOT the paper's evaluation sets.")
+    labels = values.drop_duplicates("method")
+    notes.append("Methods: " + ", ".join(f"{r.method} = {r.label or '(not in the paper)'}" for r in labels.itertuples())
+                 + ".")
+    for method, want in sp.get("expect", {}).items():
+        cells = ours[ours["method"] == method].drop_duplicates("cell_id")
+        for key, val in want.items():
+            got = sorted(set(cells[key].astype(str))) if key in cells else []
+            if got and got != [str(val)]:
+                notes.append(f"{method} ran with {key}={','.join(got)}; the paper's setting is {key}={val}.")
+    notes.append("direction: for every pair of methods with both values, whether the method the paper finds better "
+                 "(higher accuracy, lower perplexity) is also better in ours.")
+    if sp.get("note"):
+        notes.append(sp["note"])
+    return notes

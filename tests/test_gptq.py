@@ -24,8 +24,8 @@ def _out_err(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [2, 3])
-@pytest.mark.parametrize(("group_size", "symmetric", "act_order"),
-                         [(32, False, False), (32, False, True), (-1, False, False), (-1, True, True), (32, True, False)])
+@pytest.mark.parametrize(("group_size", "symmetric", "act_order"), [
+    (32, False, False), (32, False, True), (-1, False, False), (-1, True, True), (32, True, False)])
 def test_gptq_beats_rtn_on_layer_output(bits, group_size, symmetric, act_order):
     x = _correlated_inputs()
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.05

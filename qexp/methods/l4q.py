@@ -15,6 +15,7 @@ zero ``−β/s``, and the merge stores those very operands: bit-exact, with a fl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,12 @@ class L4QConfig(MethodConfig):
 
 
 def combined_weight(w0: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """``W₀ + α·B A``: one expression for forward, backward and merge."""
-    return w0 + alpha * (b @ a)
+    """``W₀ + α·B A`` (one fused ``addmm``): the same expression in forward, backward and merge."""
+    return torch.addmm(w0, b, a, alpha=alpha)
+
+
+def _group_sum(t: Tensor, group_size: int) -> Tensor:
+    return grouped(t, group_size).sum(-1)
 
 
 class L4QFunction(torch.autograd.Function):
@@ -62,17 +67,18 @@ class L4QFunction(torch.autograd.Function):
             gx = gy @ lsq_weight(codes, s, beta, spec.group_size).to(gy.dtype)
         if any(ctx.needs_input_grad[2:6]):
             g = gy.reshape(-1, gy.shape[-1]).T.to(w0.dtype) @ x.reshape(-1, x.shape[-1]).to(w0.dtype)  # G, transient
-            gm = g * mask  # no gradient through clipped entries
+            gm = g * mask  # M ⊙ G: no gradient through clipped entries
             if ctx.needs_input_grad[2]:
                 ga = alpha * (b.T @ gm)
             if ctx.needs_input_grad[3]:
                 gb = alpha * (gm @ a.T)
-            del gm
-            if ctx.needs_input_grad[4]:  # Σ_group G ⊙ [M⊙(w̃ − w) + (1−M)⊙clamp(w)]; w̃ = clamp(w) off range
-                gs = grouped(g * (codes - mask * wn), spec.group_size).sum(-1).to(s.dtype) * ctx.gscale
-            if ctx.needs_input_grad[5]:  # Σ_group G ⊙ (1 − M)
-                gbeta = grouped(g * ~mask, spec.group_size).sum(-1).to(beta.dtype) * ctx.gscale
-            del g
+            gsum = partial(_group_sum, group_size=spec.group_size)
+            if ctx.needs_input_grad[4]:
+                # Σ_group G ⊙ [M⊙(w̃ − w) + (1−M)⊙clamp(w)] = Σ G⊙w̃ − Σ (M⊙G)⊙w   (w̃ = clamp(w) off range)
+                gs = (gsum(g * codes) - gsum(gm * wn)).to(s.dtype) * ctx.gscale
+            if ctx.needs_input_grad[5]:  # Σ_group G ⊙ (1 − M) = Σ G − Σ M⊙G
+                gbeta = (gsum(g) - gsum(gm)).to(beta.dtype) * ctx.gscale
+            del g, gm
         return gx, None, ga, gb, gs, gbeta, None, None, None, None
 
 

@@ -35,8 +35,9 @@ def lsq_normalize(w: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> 
 def lsq_codes(w: Tensor, scale: Tensor, offset: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
     """``(w, w̃, M)``: the normalized weight, its codes ``⌊clamp(w)⌉`` (float integers) and the in-range mask."""
     wn = lsq_normalize(w, scale, offset, spec.group_size)
-    mask = (wn >= spec.qmin) & (wn <= spec.qmax)
-    return wn, torch.round(wn.clamp(spec.qmin, spec.qmax)), mask
+    codes = wn.clamp(spec.qmin, spec.qmax)
+    mask = codes == wn  # qmin <= w <= qmax (one pass instead of three)
+    return wn, codes.round_(), mask
 
 
 def lsq_weight(codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> Tensor:

@@ -116,3 +116,15 @@ def test_cell_runs(cfg_factory):
     rec = run_cell(cfg_factory("method=qat", "bits=2"))
     assert rec["status"] == "ok"
     assert rec["merge"]["lossless"] and rec["merge"]["deployed"] == "integer"
+
+
+def test_weight_lr_param_groups():
+    model = tiny_llama()
+    method = get("qat")(QATConfig(name="qat", weight_lr=1e-5), QuantSpec(3, 32, True))
+    adapt.attach(model, method, models.targets(model, TARGETS), QuantConfig(sym=True), lambda: None)
+    groups = method.optimizer(model, lr=1e-3, weight_decay=0.01, total_steps=1).param_groups
+    layers = _layers(model)
+    assert [g["lr"] for g in groups] == [1e-5, 1e-3] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert len(groups[0]["params"]) == len(layers) and len(groups[1]["params"]) == 2 * len(layers)
+    n = sum(len(g["params"]) for g in groups)
+    assert n == sum(1 for p in model.parameters() if p.requires_grad)

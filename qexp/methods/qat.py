@@ -26,6 +26,7 @@ from .base import Method, MethodConfig, MethodLayer
 class QATConfig(MethodConfig):
     learn_offset: bool = True  # LSQ+: β trains; False: β stays at its init (0 on a symmetric grid = LSQ)
     lsq_grad_scale: bool = True  # LSQ's 1/√(g·Q_P) on ∂L/∂s (and ∂L/∂β), as in Esser et al. 2020
+    weight_lr: float | None = None  # lr of the fp weights (None: train.lr); s and β always use train.lr
 
 
 class QATLinear(MethodLayer):
@@ -65,6 +66,14 @@ class QAT(Method):
 
     name = "qat"
     Config = QATConfig
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """The fp weights (at ``weight_lr``, with weight decay) and the quantizer's ``s``/``β`` (no decay)."""
+        layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+        quant = [p for m in layers for p in (m.scale, m.offset) if isinstance(p, nn.Parameter)]
+        weight_lr = lr if self.cfg.weight_lr is None else self.cfg.weight_lr
+        return [{"params": [m.weight for m in layers], "lr": weight_lr, "weight_decay": weight_decay},
+                {"params": quant, "lr": lr, "weight_decay": 0.0}]
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         return QATLinear(linear.weight, linear.bias, qw, self.cfg.learn_offset, self.cfg.lsq_grad_scale)

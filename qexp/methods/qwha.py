@@ -138,10 +138,12 @@ def adaalloc(weights: Tensor, p: int, cap: int) -> Tensor:
 
 def _topk_mask(score: Tensor, counts: Tensor) -> Tensor:
     """Row-wise mask of the ``counts[j]`` largest entries of ``score[j]``."""
-    rank = torch.empty_like(score, dtype=torch.long)
-    order = torch.argsort(score, dim=1, descending=True, stable=True)
-    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order).contiguous())
-    return rank < counts.unsqueeze(1)
+    k = int(counts.max())
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k == 0:
+        return mask
+    top = torch.topk(score, k, dim=1, sorted=True).indices
+    return mask.scatter_(1, top, torch.arange(k, device=score.device) < counts.unsqueeze(1))
 
 
 def refine_values(gram: Tensor, rhs: Tensor, mask: Tensor, budget: int = 1 << 24) -> Tensor:
@@ -175,11 +177,21 @@ def refine_values(gram: Tensor, rhs: Tensor, mask: Tensor, budget: int = 1 << 24
 
 
 @torch.no_grad()
-def qwha_init(delta_q: Tensor, hess: Tensor | None, p: int, cfg: QWHAConfig,
+def hessian_terms(hess: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(XᵀX, Hs = XᵀX + λI, G = BᵀB = H Hs Hᵀ/d²)`` in fp64; shared by layers with one input."""
+    h = hess.double()
+    d_in = h.shape[0]
+    hs = h + damp * h.diagonal().mean() * torch.eye(d_in, dtype=torch.float64, device=h.device)
+    return h, hs, fwht(fwht(hs).T) / d_in**2  # fwht(hs) = Hs Hᵀ; Hs symmetric
+
+
+@torch.no_grad()
+def qwha_init(delta_q: Tensor, hess: Tensor | tuple[Tensor, Tensor, Tensor] | None, p: int, cfg: QWHAConfig,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Locations (flat indices, ``[p]``) and true coefficients ``c`` (``ΔW = iWHT(F)``, no α scale).
 
-    ``delta_q = W0 − W_Q`` (``[d_out, d_in]``), ``hess = XᵀX`` (``[d_in, d_in]``, undamped).
+    ``delta_q = W0 − W_Q`` (``[d_out, d_in]``); ``hess``: ``XᵀX`` (``[d_in, d_in]``, undamped) or
+    its :func:`hessian_terms`.
     """
     d_out, d_in = delta_q.shape
     if cfg.init in ("random", "zero"):
@@ -192,12 +204,8 @@ def qwha_init(delta_q: Tensor, hess: Tensor | None, p: int, cfg: QWHAConfig,
     if hess is None:
         raise ValueError(f"method.init={cfg.init!r} needs calibration Hessians")
     delta = delta_q.double()
-    h = hess.double()
-    hs = h + cfg.damp * h.diagonal().mean() * torch.eye(d_in, dtype=torch.float64, device=h.device)
+    h, hs, gram = hessian_terms(hess, cfg.damp) if isinstance(hess, Tensor) else hess
     x0 = fwht(delta)  # dense WHT coefficients: B x0_j = v_j
-    gram = None
-    if cfg.refine or cfg.select == "code":
-        gram = fwht(fwht(hs).T) / d_in**2  # BᵀB = H Hs Hᵀ / d²  (Hs symmetric)
     if cfg.init in ("adaalloc", "magnitude"):
         score = gram.diagonal() * x0.square() if cfg.select == "code" else x0.abs()
         if cfg.init == "magnitude":  # one global top-p of the score (the paper's "Magnitude")
@@ -241,10 +249,12 @@ class QWHA(Method):
         if cfg.rank <= 0:
             raise ValueError(f"method.rank={cfg.rank} must be positive")
         self.hessians: dict[str, Tensor] = {}
+        self._terms: dict[int, tuple[tuple[Tensor, Tensor, Tensor], int]] = {}  # id(XᵀX) -> (terms, users left)
         self.stats: dict[str, float] = {"calib_s": 0.0, "init_s": 0.0, "layers": 0}
 
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
         """Check every size, then accumulate ``XᵀX`` per target input (fp64) on the fp model."""
+        self.stats["targets"] = len(targets)
         for name, lin in targets.items():
             try:
                 factor(lin.in_features)
@@ -257,6 +267,9 @@ class QWHA(Method):
         if self.cfg.calib_samples > 0:
             calib = calib[: self.cfg.calib_samples]
         self.hessians = collect_hessians(model, targets, calib, self.cfg.calib_batch)
+        for h in self.hessians.values():
+            terms, users = self._terms.get(id(h), (None, 0))
+            self._terms[id(h)] = (terms, users + 1)
         self.stats["calib_s"] = time.perf_counter() - t0
         log.info("qwha: XᵀX over %d×%d tokens in %.1fs", *calib.shape, self.stats["calib_s"])
 
@@ -271,17 +284,33 @@ class QWHA(Method):
     def scale(self, d_in: int, d_out: int) -> float:
         return self.cfg.alpha / math.sqrt(d_out if self.cfg.alpha_semantics == "code" else d_in)
 
+    def _hessian_terms(self, name: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The damped Hessian and Gram of ``name``'s input, computed once per shared input and
+        released after its last user."""
+        hess = self.hessians.pop(name, None)
+        if hess is None:
+            return None
+        terms, users = self._terms.get(id(hess), (None, 1))
+        if terms is None:
+            terms = hessian_terms(hess.to(device), self.cfg.damp)
+        if users > 1:
+            self._terms[id(hess)] = (terms, users - 1)
+        else:
+            self._terms.pop(id(hess), None)
+        return terms
+
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         t0 = time.perf_counter()
         d_out, d_in = linear.weight.shape
         delta_q = linear.weight.detach().double() - qw.dequantize().double()
-        hess = self.hessians.pop(name, None)
-        idx, coef = qwha_init(delta_q, None if hess is None else hess.to(delta_q.device), self.budget(name, linear),
-                               self.cfg)
+        idx, coef = qwha_init(delta_q, self._hessian_terms(name, delta_q.device), self.budget(name, linear), self.cfg)
         s = self.scale(d_in, d_out)
         c = (coef / s).float()  # fp32 values, stored so that the first forward is the refined ΔW
         self.stats["init_s"] += time.perf_counter() - t0
         self.stats["layers"] += 1
+        if self.stats["layers"] == self.stats.get("targets"):
+            log.info("qwha: init (%s, refine=%s) of %d layers in %.1fs", self.cfg.init, self.cfg.refine,
+                     self.stats["layers"], self.stats["init_s"])
         return QWHALinear(qw, linear.bias, idx.to(linear.weight.device), c.to(linear.weight.device), s)
 
 

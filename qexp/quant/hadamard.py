@@ -107,29 +107,52 @@ def hadamard_dense(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return torch.kron(h, hadamard_small(m, dtype))
 
 
+@torch.no_grad()
 def _transform(x: Tensor, inverse: bool) -> Tensor:
     n = x.shape[-1]
     a, m = factor(n)
-    lead = x.shape[:-1]
-    y = x.reshape(*lead, a, m)
+    y = x.reshape(-1, a, m)
     if m > 1:
         hm = hadamard_small(m, x.dtype, x.device)
         y = y @ (hm if inverse else hm.T)  # rows: x H_mᵀ forward, y H_m inverse
+    # Sylvester butterfly on the 2^k axis (H_{2^k} is symmetric), ping-ponging between two fresh
+    # buffers (never writing into x): log2(a) passes of adds and subtracts.
+    bufs: list[Tensor] = []
     h = 1
-    while h < a:  # Sylvester butterfly on the 2^k axis (H_{2^k} is symmetric)
-        y = y.reshape(*lead, a // (2 * h), 2, h, m)
-        u, v = y.select(-3, 0), y.select(-3, 1)
-        y = torch.stack((u + v, u - v), dim=-3)
+    while h < a:
+        if len(bufs) < 2:
+            bufs.append(torch.empty(y.shape, dtype=y.dtype, device=y.device))
+        dst = bufs[0] if y is not bufs[0] else bufs[1]
+        src4 = y.reshape(-1, a // (2 * h), 2, h * m)
+        dst4 = dst.view(src4.shape)
+        u, v = src4.select(2, 0), src4.select(2, 1)
+        torch.add(u, v, out=dst4.select(2, 0))
+        torch.sub(u, v, out=dst4.select(2, 1))
+        y = dst
         h *= 2
-    y = y.reshape(*lead, n)
-    return y / n if inverse else y
+    y = y.reshape(x.shape)
+    return y / n if inverse else (y if y.data_ptr() != x.data_ptr() else y.clone())
+
+
+class _WHT(torch.autograd.Function):
+    """Linear, so the backward is the transposed transform: (x Hᵀ)' = g H, (x H/n)' = g Hᵀ/n."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inverse: bool) -> Tensor:
+        ctx.inverse = inverse
+        return _transform(x, inverse)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        n = g.shape[-1]
+        return _WHT.apply(g, not ctx.inverse) * (1.0 / n if ctx.inverse else float(n)), None
 
 
 def fwht(x: Tensor) -> Tensor:
-    """``x Hᵀ`` along the last dim (unnormalized ±1 transform), ``O(n log n)``."""
-    return _transform(x, inverse=False)
+    """``x Hᵀ`` along the last dim (unnormalized ±1 transform), ``O(n log n)``; differentiable."""
+    return _WHT.apply(x, False)
 
 
 def ifwht(y: Tensor) -> Tensor:
-    """``y H / n``: the exact inverse of :func:`fwht` (carries the ``1/n``)."""
-    return _transform(y, inverse=True)
+    """``y H / n``: the exact inverse of :func:`fwht` (carries the ``1/n``); differentiable."""
+    return _WHT.apply(y, True)

@@ -37,6 +37,8 @@ def merge(model: nn.Module, probe: Tensor) -> dict:
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     diff = float((before.float() - after.float()).abs().max())
     on_grid = bool(quant) and all(getattr(type(m), "ON_GRID", True) for _, m in layers)
+    # a layer class may name its deployed form (QWHA: "integer base + fp adapter")
+    labels = sorted({getattr(type(m), "DEPLOYED", "") for _, m in layers} - {""})
     return {
         "on_grid": on_grid,  # every adapted layer ships as integer codes + scale + zero
         "lossless": on_grid and diff == 0.0,  # merged logits == training-forward logits, bit for bit
@@ -44,5 +46,5 @@ def merge(model: nn.Module, probe: Tensor) -> dict:
         "merged_layers": len(layers),
         "quant_layers": len(quant),
         "float_zero_points": any(not m.qweight.integer_zero for m in quant),
-        "deployed": "integer" if on_grid else ("integer (re-quantized)" if quant else "float"),
+        "deployed": "integer" if on_grid else (" / ".join(labels) or ("integer (re-quantized)" if quant else "float")),
     }

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from .conftest import tiny_llama
 
 from qexp.config import QuantConfig
 from qexp.models import targets as find_targets

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from .conftest import tiny_llama
 from torch import Tensor
 
 from qexp import adapt, models

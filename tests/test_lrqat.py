@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from .conftest import tiny_llama
 
 from qexp import adapt
 from qexp.config import TARGETS, ConfigError, QuantConfig

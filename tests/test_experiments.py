@@ -1,0 +1,39 @@
+"""Every named paper reproduction composes, validates, and sweeps over real methods and bits."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from qexp.config import BITS, validate
+from qexp.methods import registry
+
+from .conftest import CONF
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF).parent / "experiments" / "experiment").glob("*.yaml"))
+
+
+def test_each_paper_comparison_has_both_scales():
+    stems = {e.rsplit("_", 1)[0] for e in EXPERIMENTS}
+    assert stems == {"lota_t1", "lrqat_t4", "l4q_t23", "qwha_t3"}
+    assert all(f"{s}_{scale}" in EXPERIMENTS for s in stems for scale in ("paper", "embedded"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_validates(name):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.method.split(",")) <= set(registry())
+    assert {int(b) for b in str(params.bits).split(",")} <= set(BITS)
+    assert cfg.name == name
+    for method in params.method.split(","):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cell = compose(config_name="config", overrides=[f"+experiment={name}", f"method={method}"])
+        validate(cell)
+    if name.endswith("_embedded"):
+        assert cfg.model.name == "smollm2_135m" and cfg.data.name == "embedded"
+    else:
+        assert cfg.model.source == "hub" and cfg.data.train.kind == "hub"

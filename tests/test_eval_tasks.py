@@ -62,7 +62,7 @@ def test_built_data_matches_manifest(built):
             assert sum(1 for _ in f) == n, name
     assert built["items"]["piqa.jsonl"] == 1500 and built["items"]["boolq.jsonl"] == 3270
     assert built["items"]["mmlu_test.jsonl"] + built["items"]["mmlu_dev.jsonl"] == 2850
-    dev, test = ({json.loads(line)["question"] for line in (d / f).read_text().splitlines()}
+    dev, test = ({json.loads(line)["question"] for line in (d / f).read_text().split("\n") if line}
                  for f in ("mmlu_dev.jsonl", "mmlu_test.jsonl"))
     assert len(dev) == 5 and not dev & test
 

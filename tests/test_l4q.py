@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import tiny_llama
 from torch import Tensor
 
 from qexp import adapt, models
@@ -13,6 +12,8 @@ from qexp.config import TARGETS, ConfigError, QuantConfig
 from qexp.methods import get
 from qexp.methods.l4q import L4QConfig, L4QFunction, L4QLinear
 from qexp.quant import QuantLinear, QuantSpec
+
+from .conftest import tiny_llama
 
 
 def _attach(model, bits: int = 3, group_size: int = 32, seed: int = 0, **kw) -> None:

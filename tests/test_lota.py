@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import tiny_llama
 
 from qexp import adapt
 from qexp.config import TARGETS
@@ -20,6 +19,8 @@ from qexp.methods.lota import (
 )
 from qexp.models import set_module, targets
 from qexp.quant import QuantLinear, QuantSpec, QuantWeight, rtn
+
+from .conftest import tiny_llama
 
 
 def lota_model(bits: int = 3, group_size: int = 16, seed: int = 0, **cfg):

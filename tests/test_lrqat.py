@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from .conftest import tiny_llama
 
 from qexp import adapt
 from qexp.config import TARGETS, ConfigError, QuantConfig
 from qexp.methods.lrqat import LRQAT, LRQATConfig, LRQATLinear, _codes
 from qexp.models import targets as find_targets
 from qexp.quant import QuantSpec, rtn
+
+from .conftest import tiny_llama
 
 LP4 = QuantConfig(sym=True, range="lp", p=4.0, grid=20)  # fewer candidates than the default 100: fast
 

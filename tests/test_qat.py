@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .conftest import tiny_llama
 
 from qexp import adapt, models
 from qexp.config import TARGETS, QuantConfig
 from qexp.methods import get
 from qexp.methods.qat import QATConfig, QATLinear
 from qexp.quant import QuantLinear, QuantSpec, rtn
+
+from .conftest import tiny_llama
 
 
 def _attach(model, spec: QuantSpec, **kw) -> None:

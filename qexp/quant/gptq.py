@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from .grid import QuantSpec, QuantWeight, dequantize, quantize_codes
-from .rtn import minmax_range, rtn, search_range
+from .rtn import fit_range, rtn
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,7 @@ CALIB_BATCH = 8  # calibration sequences per forward
 
 def _range(w: Tensor, spec: QuantSpec, range_method: str, p: float, grid: int) -> tuple[Tensor, Tensor]:
     """Scale and zero ``[d_out]`` for the columns ``w`` (one group)."""
-    col = QuantSpec(spec.bits, -1, spec.symmetric)
-    if range_method == "minmax":
-        s, z = minmax_range(w, col)
-    elif range_method == "lp":
-        s, z = search_range(w, col, p=p, grid=grid)
-    else:
-        raise ValueError(f"quant.range={range_method!r}: choose 'minmax' or 'lp'")
+    s, z = fit_range(w, QuantSpec(spec.bits, -1, spec.symmetric), range_method, p, grid)
     return s[:, 0], z[:, 0]
 
 

@@ -54,13 +54,18 @@ def search_range(
     return best_scale, best_zero
 
 
+def fit_range(w: Tensor, spec: QuantSpec, range_method: str = "minmax", p: float = 4.0,
+              grid: int = 100) -> tuple[Tensor, Tensor]:
+    """Scale and zero ``[d_out, n_groups]`` by min-max or by the Lp range search."""
+    if range_method == "minmax":
+        return minmax_range(w, spec)
+    if range_method == "lp":
+        return search_range(w, spec, p=p, grid=grid)
+    raise ValueError(f"quant.range={range_method!r}: choose 'minmax' or 'lp'")
+
+
 def rtn(w: Tensor, spec: QuantSpec, range_method: str = "minmax", p: float = 4.0, grid: int = 100) -> QuantWeight:
     """Quantize a ``[d_out, d_in]`` weight by round-to-nearest on the chosen range."""
     spec.groups(w.shape[1])  # raises if group_size does not divide d_in
-    if range_method == "minmax":
-        scale, zero = minmax_range(w, spec)
-    elif range_method == "lp":
-        scale, zero = search_range(w, spec, p=p, grid=grid)
-    else:
-        raise ValueError(f"range_method={range_method!r}: choose 'minmax' or 'lp'")
+    scale, zero = fit_range(w, spec, range_method, p, grid)
     return QuantWeight(quantize_codes(w.float(), scale, zero, spec), scale, zero, spec)

@@ -12,10 +12,12 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from contextlib import contextmanager, suppress
@@ -96,6 +98,14 @@ def peak_memory_mb() -> dict:
     return out
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM arrived outside training (inside training, qexp.train checkpoints first)."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(f"signal {signal.Signals(signum).name}; rerun the same command to resume")
+
+
 class Record:
     """The record of one cell while it runs; :meth:`open` writes it on success and on failure."""
 
@@ -126,6 +136,9 @@ class Record:
         self.data["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.perf_counter()
         write_json(self.path, self.data)
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM outside training: record it
+            previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             yield self
             self.data["status"] = "ok"
@@ -135,6 +148,8 @@ class Record:
             self.data["traceback"] = traceback.format_exc()
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
             self.data["memory"] = peak_memory_mb()

@@ -89,3 +89,18 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("result.json")]
     assert sorted(x["status"] for x in recs) == ["ok", "ok"]
+
+
+def test_sigterm_outside_training_records_the_interruption(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [*TINY, "method=rtn", "eval.max_windows=50", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h"]
+    proc = subprocess.Popen([sys.executable, "-m", "qexp.run", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(read(p).get("status") == "running" for p in tmp_path.rglob("result.json")):
+        time.sleep(0.05)
+    time.sleep(2)  # inside load / evaluation, before any training
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    rec = read(next(tmp_path.rglob("result.json")))
+    assert rec["status"] == "failed" and rec["error"].startswith("Interrupted: signal SIGTERM")

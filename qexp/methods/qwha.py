@@ -58,8 +58,8 @@ class QWHAConfig(MethodConfig):
 
 def sparse_delta(idx: Tensor, c: Tensor, shape: tuple[int, int], scale: float) -> Tensor:
     """``scale · iWHT(F)`` with ``F`` the ``[d_out, d_in]`` scatter of ``c`` at flat indices ``idx``."""
-    dense = c.new_zeros(shape[0] * shape[1]).scatter(0, idx, c)
-    return scale * ifwht(dense.view(shape))
+    dense = c.new_zeros(shape[0] * shape[1]).scatter(0, idx, c * scale)  # scale p values, not d_out·d_in
+    return ifwht(dense.view(shape))
 
 
 def adapter_forward(base: QuantLinear, idx: Tensor, c: Tensor, scale: float, x: Tensor) -> Tensor:

@@ -108,13 +108,16 @@ def hadamard_dense(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 @torch.no_grad()
-def _transform(x: Tensor, inverse: bool) -> Tensor:
+def _transform(x: Tensor, transpose: bool, scale: float) -> Tensor:
+    """``scale · x Hᵀ`` (``transpose``) or ``scale · x H`` along the last dim."""
     n = x.shape[-1]
     a, m = factor(n)
     y = x.reshape(-1, a, m)
-    if m > 1:
+    if m > 1:  # the small block (and the scale) as one matmul: rows times H_mᵀ or H_m
         hm = hadamard_small(m, x.dtype, x.device)
-        y = y @ (hm if inverse else hm.T)  # rows: x H_mᵀ forward, y H_m inverse
+        y = y @ ((hm.T if transpose else hm) * scale)
+    elif scale != 1.0:
+        y = y * scale
     # Sylvester butterfly on the 2^k axis (H_{2^k} is symmetric), ping-ponging between two fresh
     # buffers (never writing into x): log2(a) passes of adds and subtracts.
     bufs: list[Tensor] = []
@@ -131,28 +134,27 @@ def _transform(x: Tensor, inverse: bool) -> Tensor:
         y = dst
         h *= 2
     y = y.reshape(x.shape)
-    return y / n if inverse else (y if y.data_ptr() != x.data_ptr() else y.clone())
+    return y.clone() if y.data_ptr() == x.data_ptr() else y
 
 
 class _WHT(torch.autograd.Function):
-    """Linear, so the backward is the transposed transform: (x Hᵀ)' = g H, (x H/n)' = g Hᵀ/n."""
+    """``scale · x Hᵀ`` or ``scale · x H``; linear, so the backward is the other one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, inverse: bool) -> Tensor:
-        ctx.inverse = inverse
-        return _transform(x, inverse)
+    def forward(ctx, x: Tensor, transpose: bool, scale: float) -> Tensor:
+        ctx.transpose, ctx.scale = transpose, scale
+        return _transform(x, transpose, scale)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
-        n = g.shape[-1]
-        return _WHT.apply(g, not ctx.inverse) * (1.0 / n if ctx.inverse else float(n)), None
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+        return _WHT.apply(g, not ctx.transpose, ctx.scale), None, None
 
 
 def fwht(x: Tensor) -> Tensor:
     """``x Hᵀ`` along the last dim (unnormalized ±1 transform), ``O(n log n)``; differentiable."""
-    return _WHT.apply(x, False)
+    return _WHT.apply(x, True, 1.0)
 
 
 def ifwht(y: Tensor) -> Tensor:
     """``y H / n``: the exact inverse of :func:`fwht` (carries the ``1/n``); differentiable."""
-    return _WHT.apply(y, True)
+    return _WHT.apply(y, False, 1.0 / y.shape[-1])

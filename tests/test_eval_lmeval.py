@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
 from omegaconf import OmegaConf
 
 from qexp import models
@@ -15,6 +14,8 @@ from qexp.config import ConfigError, validate
 from qexp.eval.lmeval import MMLU_CATEGORIES, PAPER_TASKS, accuracy, check_tasks, suite_scores, task_manager
 from qexp.run import run_cell, summary
 from qexp.tasks.build import build
+
+from .conftest import make_cfg
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -36,7 +36,7 @@ from ..models import set_module
 from ..quant import QuantLinear, QuantSpec, QuantWeight, fp_linear
 from . import compressed, gptq
 from .checkpoint import EXACT, META, WEIGHTS, float_state, load, save
-from .common import ExportError, WeightError, integer_zeros, signed_back, unsigned
+from .common import ExportError, WeightError, integer_zeros, signed_back, storage_errors, unsigned
 
 __all__ = ["ExportError", "adapters", "check", "export_model", "load", "write"]
 
@@ -101,14 +101,15 @@ def export_model(model: nn.Module, tok, out: str | Path, formats: list[str], tar
     mods = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets and n != "lm_head"}
     if not mods:
         raise ExportError(f"targets={targets} match no module of this model")
-    bits = next((m.spec.bits for m in mods.values() if isinstance(m, QuantLinear)), None)
+    check(formats, 4, dtype, zero_rounding)  # names and switches (bit widths below, once known)
     wanted = list(FORMATS) if "all" in formats else [f for f in FORMATS if f in formats or f == "fp16"]
-    if bits is not None:
-        check([f for f in wanted if f != "fp16"], bits, dtype, zero_rounding)
     integer = all(isinstance(m, QuantLinear) for m in mods.values())
+    if integer:
+        check([f for f in wanted if f in PACKED], next(iter(mods.values())).spec.bits)
     report: dict = {"dir": str(out), "dtype": dtype, "source": source or {}, "formats": {}, "skipped": {},
-                    "notes": _notes(mods, integer, source or {})}
+                    "notes": _notes(mods, integer, source or {}, bool(adapter_state))}
     fp16_bytes = _fp16_bytes(model, mods)
+    merged = _logits(model, next(model.parameters()).device) if verify else None  # the reference, once
     for fmt in wanted:
         path = out / fmt
         if fmt in PACKED and not integer:
@@ -117,7 +118,7 @@ def export_model(model: nn.Module, tok, out: str | Path, formats: list[str], tar
             continue
         _clear(path)
         write_fmt = _write_packed if fmt in PACKED else _write_dense
-        r = write_fmt(fmt, model, tok, mods, path, DTYPES[dtype], zero_rounding, verify)
+        r = write_fmt(fmt, model, tok, mods, path, DTYPES[dtype], zero_rounding, merged)
         r["size"] = _sizes(path, r.pop("linear_bytes"), r.pop("linear_weights"), fp16_bytes)
         meta = {"format": fmt, "dtype": dtype, "source": source or {}, **r}
         (path / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -138,24 +139,25 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _notes(mods: dict, integer: bool, source: dict) -> list[str]:
+def _notes(mods: dict, integer: bool, source: dict, adapter: bool) -> list[str]:
     merge = source.get("merge", {})
+    where = "; adapter/ holds base + adapter as trained" if adapter else ""
     if not integer:
         return ["not on the grid: the merged model is float (or base + adapter); no packed integer format is "
-                "written, the dense checkpoint and adapter/ (base + adapter state) are"]
+                f"written, only the dense checkpoint{where}"]
     notes = []
     if merge and not merge.get("on_grid", True):
         notes.append(f"the integer model is a re-quantization of base + adapter (deployed="
                      f"{merge.get('deployed')!r}, max |Δlogit| vs the trained model "
-                     f"{merge.get('max_abs_logit_diff')}); the trained model itself is in adapter/")
-    if any(not m.qweight.integer_zero for m in mods.values()):
+                     f"{merge.get('max_abs_logit_diff')}){where}")
+    if any(not torch.equal(m.zero, torch.round(m.zero)) for m in mods.values()):
         notes.append("fractional zero points: GPTQ qzeros / compressed-tensors zero_point are integers, so "
                      "they are rounded (see rounding.zero_points); the exact float zeros are in qexp_exact/")
     return notes
 
 
 def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear], path: Path, dt: torch.dtype,
-                  zero_rounding: str, verify: bool) -> dict:
+                  zero_rounding: str, merged: Tensor | None) -> dict:
     specs = {m.spec for m in mods.values()}
     if len(specs) != 1:
         raise ExportError(f"{fmt}: the quantized layers use different grids {sorted(map(str, specs))}")
@@ -166,22 +168,22 @@ def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear],
     fractional = clamped = 0
     linear_bytes = 0
     for name, m in mods.items():
-        qw = m.qweight
-        u, z_u = unsigned(qw)
+        u, z_u = unsigned(m.codes, m.zero, spec)
         z_int, c = integer_zeros(z_u, spec.bits)
         clamped += c
-        s_st = qw.scale.to(dt)
+        s_st = m.scale.to(dt)
         if not torch.equal(z_int.double(), z_u.double()):
             fractional += 1
-            exact[f"{name}.zero"] = qw.zero.contiguous()
-        if not torch.equal(s_st.to(qw.scale.dtype), qw.scale):
-            exact[f"{name}.scale"] = qw.scale.contiguous()
-        err["zero_points"].add(qw, signed_back(u, qw.scale.double(), z_int.double(), spec))
-        err["scales"].add(qw, signed_back(u, s_st.double(), z_u.double(), spec))
-        stored[name] = signed_back(u, s_st.float(), z_int.float(), spec)
-        err["total"].add(qw, stored[name])
+            exact[f"{name}.zero"] = m.zero.contiguous()
+        if not torch.equal(s_st.to(m.scale.dtype), m.scale):
+            exact[f"{name}.scale"] = m.scale.contiguous()
+        errors, ref_sq = storage_errors(u, z_u, z_int, m.scale, s_st, spec.group_size)
+        for k, (mx, sq) in errors.items():
+            err[k].add(mx, sq, ref_sq)
+        if merged is not None:
+            stored[name] = signed_back(u, s_st.float(), z_int.float(), spec)
         args = (spec.bits, spec.group_size, dt) if fmt == "gptq" else (spec.bits, sym, dt)
-        layer = PACKED[fmt].layer(name, u, qw.scale, z_int, m.bias, *args)
+        layer = PACKED[fmt].layer(name, u, m.scale, z_int, m.bias, *args)
         linear_bytes += sum(t.numel() * t.element_size() for t in layer.values())
         tensors.update(layer)
     rounding = {k: v.summary() for k, v in err.items()}
@@ -200,19 +202,19 @@ def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear],
         (path / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
     if exact:
         (path / EXACT).parent.mkdir(exist_ok=True)
-        save_file(exact, str(path / EXACT), metadata={"format": "pt"})
+        save_file({k: t.cpu().contiguous() for k, t in exact.items()}, str(path / EXACT), metadata={"format": "pt"})
     r = {"spec": asdict(spec), "sym": sym, "rounding": rounding, "linear_bytes": linear_bytes,
          "linear_weights": sum(m.in_features * m.out_features for m in mods.values()),
          "exact_tensors": len(exact)}
     # the spec must be on disk before the reload below
     (path / META).write_text(json.dumps({"format": fmt, "spec": r["spec"]}) + "\n")
-    if verify:
-        r["verify"] = _verify_packed(model, mods, path, dt, stored)
+    if merged is not None:
+        r["verify"] = _verify_packed(model, merged, mods, path, dt, stored)
     return r
 
 
 def _write_dense(fmt: str, model: nn.Module, tok, mods: dict[str, nn.Module], path: Path, dt: torch.dtype,
-                 zero_rounding: str, verify: bool) -> dict:
+                 zero_rounding: str, merged: Tensor | None) -> dict:
     tensors, dense = float_state(model, set(mods), dt), {}
     for name, m in mods.items():
         w, b = _dense(name, m)
@@ -224,10 +226,10 @@ def _write_dense(fmt: str, model: nn.Module, tok, mods: dict[str, nn.Module], pa
     nbytes = sum(w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
                  for w, b in dense.values())
     r = {"linear_bytes": nbytes, "linear_weights": sum(w.numel() for w, _ in dense.values())}
-    if verify:
+    if merged is not None:
         ref = _stored_copy(model, dt, {n: fp_linear(w.to(_dtype(model)), None if b is None else
                                                           b.to(_dtype(model))) for n, (w, b) in dense.items()})
-        r["verify"] = _compare(model, ref, load(path, dtype=_dtype(model)))
+        r["verify"] = _compare(model, merged, ref, load(path, dtype=_dtype(model)))
     return r
 
 
@@ -265,16 +267,20 @@ def _stored_copy(model: nn.Module, dt: torch.dtype, replace: dict[str, nn.Module
 
 
 @torch.no_grad()
-def _compare(model: nn.Module, ref: nn.Module, loaded: nn.Module) -> dict:
-    dev = next(model.parameters()).device
+def _logits(model: nn.Module, dev: torch.device) -> Tensor:
     vocab = model.get_input_embeddings().num_embeddings
     probe = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(dev)
-    merged, want, got = (m.to(dev)(input_ids=probe).logits.float() for m in (model, ref, loaded))
+    return model.to(dev)(input_ids=probe).logits.float()
+
+
+def _compare(model: nn.Module, merged: Tensor, ref: nn.Module, loaded: nn.Module) -> dict:
+    dev = next(model.parameters()).device
+    want, got = _logits(ref, dev), _logits(loaded, dev)
     return {"logits_equal": bool(torch.equal(want, got)), "max_abs_logit_diff_vs_merged":
             float((got - merged).abs().max())}
 
 
-def _verify_packed(model: nn.Module, mods: dict, path: Path, dt: torch.dtype, stored: dict) -> dict:
+def _verify_packed(model: nn.Module, merged: Tensor, mods: dict, path: Path, dt: torch.dtype, stored: dict) -> dict:
     """Reload twice: with ``qexp_exact/`` (must equal the merged model with its float tensors at
     ``dt``) and the format's tensors alone (must equal the merged model as the format rounds it)."""
     out = {}
@@ -286,7 +292,7 @@ def _verify_packed(model: nn.Module, mods: dict, path: Path, dt: torch.dtype, st
         ref = _stored_copy(model, dt, {n: QuantLinear(want[n], bias[n]) for n in mods})
         key = "exact" if exact else "format_only"
         out[key] = {"codes_scales_zeros_equal": all(_same(got[n], want[n]) for n in mods),
-                    **_compare(model, ref, loaded)}
+                    **_compare(model, merged, ref, loaded)}
     return out
 
 

@@ -36,7 +36,8 @@ def save(path: Path, model: nn.Module, tok, tensors: dict[str, Tensor], dtype: t
          quant_config: dict | None = None) -> None:
     """``model.safetensors`` + ``config.json`` (+ ``quantization_config``) + generation config + tokenizer."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path / WEIGHTS),
+              metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.update(dtype=str(dtype).removeprefix("torch."), architectures=[type(model).__name__])

@@ -9,20 +9,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..quant import QuantSpec, QuantWeight, dequantize
+from ..quant import QuantSpec, QuantWeight
+from ..quant.grid import grouped
 
 
 class ExportError(ValueError):
     """An export that cannot be written as asked; the message says why and what to do."""
 
 
-def unsigned(qw: QuantWeight) -> tuple[Tensor, Tensor]:
+def unsigned(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Codes in ``[0, 2^b-1]`` and the matching float zero: ``(c - z) = (u - z_u)`` exactly.
 
     Signed symmetric codes (LR-QAT, L4Q) shift by ``2^(b-1)``: ``u = c + 2^(b-1)``,
     ``z_u = z + 2^(b-1)``; unsigned codes are unchanged."""
-    shift = -qw.spec.qmin
-    return qw.codes.to(torch.int64) + shift, qw.zero.float() + shift
+    shift = -spec.qmin
+    return codes.to(torch.int64) + shift, zero.float() + shift
 
 
 def integer_zeros(z_u: Tensor, bits: int) -> tuple[Tensor, int]:
@@ -48,18 +49,30 @@ class WeightError:
     sq_ref: float = 0.0
     layers_changed: int = 0
 
-    def add(self, ref: QuantWeight, new: QuantWeight) -> None:
-        w = _exact(ref)
-        d = _exact(new) - w
-        self.max_abs = max(self.max_abs, float(d.abs().max()))
-        self.sq_err += float((d * d).sum())
-        self.sq_ref += float((w * w).sum())
-        self.layers_changed += bool(d.abs().max() > 0)
+    def add(self, max_abs: float, sq_err: float, sq_ref: float) -> None:
+        self.max_abs = max(self.max_abs, max_abs)
+        self.sq_err += sq_err
+        self.sq_ref += sq_ref
+        self.layers_changed += max_abs > 0
 
     def summary(self) -> dict:
         rel = math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref else 0.0
         return {"max_abs_dW": self.max_abs, "rel_fro_dW": rel, "layers_changed": self.layers_changed}
 
 
-def _exact(qw: QuantWeight) -> Tensor:
-    return dequantize(qw.codes.double(), qw.scale.double(), qw.zero.double(), qw.spec.group_size)
+def storage_errors(u: Tensor, z_u: Tensor, z_int: Tensor, scale: Tensor, stored_scale: Tensor,
+                   group_size: int) -> tuple[dict[str, tuple[float, float]], float]:
+    """How much storing integer zeros and ``stored_scale`` changes ``W = (u - z_u)·s`` (in float64).
+
+    Returns ``{"zero_points" | "scales" | "total": (max |ΔW|, ‖ΔW‖²)}`` and ``‖W‖²``:
+    zero points alone ``(z_u - z_int)·s``, scales alone ``(u - z_u)·(s' - s)``, and both, which
+    is what an engine computes, ``(u - z_int)·s' - (u - z_u)·s``."""
+    d = grouped(u.double(), group_size) - z_u.double().unsqueeze(-1)  # u - z_u, exact
+    s, s2 = scale.double(), stored_scale.double()
+    dz, ds = z_u.double() - z_int.double(), s2 - s
+    sq_d = (d * d).sum(-1)
+    e = d * ds.unsqueeze(-1) + (dz * s2).unsqueeze(-1)
+    out = {"zero_points": (float((dz * s).abs().max()), float((dz * s).pow(2).sum()) * d.shape[-1]),
+           "scales": (float((d.abs().amax(-1) * ds.abs()).max()), float((sq_d * ds * ds).sum())),
+           "total": (float(e.abs().max()), float((e * e).sum()))}
+    return out, float((sq_d * s * s).sum())

@@ -62,7 +62,8 @@ def read(tensors: dict[str, Tensor], name: str, bits: int) -> tuple[Tensor, Tens
                           "checkpoints cannot be held by qexp's QuantLinear)")
     u = unpack(qweight, bits, dim=0, n=d_in).T
     z = unpack(qzeros, bits, dim=1, n=d_out).T
-    return u, scales.T, z, tensors.pop(f"{name}.bias", None)
+    # contiguous: a transposed view would change F.linear's kernel (and its float rounding)
+    return u.contiguous(), scales.T.contiguous(), z.contiguous(), tensors.pop(f"{name}.bias", None)
 
 
 def quant_config(bits: int, group_size: int, sym: bool) -> dict:

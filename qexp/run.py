@@ -15,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
-from . import adapt, data, models
+from . import adapt, data, export, models
 from .config import check_group_size, method_config, register, validate
 from .eval import accuracy, perplexity
 from .methods import get as get_method
@@ -39,6 +39,8 @@ def run_cell(cfg: DictConfig) -> dict:
     rec = Record(cfg)
     if rec.previous.get("status") == "ok" and not cfg.force:
         log.info("skip %s: already done (force=true reruns)", rec.dir)
+        if cfg.export.formats:
+            log.warning("export not written for a done cell: `python -m qexp.export %s` (or force=true)", rec.dir)
         return rec.previous
     with rec.open():
         validate(cfg)
@@ -84,9 +86,13 @@ def run_cell(cfg: DictConfig) -> dict:
                 evaluate("unmerged")
             probe = next(iter(evalsets.values())).reshape(-1)[: cfg.eval.merge_check_tokens].unsqueeze(0)
             probe = probe.to(model.device)
+            adapters = export.adapters(model) if cfg.export.formats else None  # base + adapter, pre-merge
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")
+            if cfg.export.formats:
+                with rec.timer("export"):
+                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
     rec.checkpoint.unlink(missing_ok=True)
     return rec.data

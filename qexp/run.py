@@ -33,7 +33,8 @@ os.environ.setdefault("QEXP_ROOT", str(Path(__file__).resolve().parents[1]))
 def run_cell(cfg: DictConfig) -> dict:
     """Run one cell end to end and return its record (also written to ``result.json``).
 
-    A cell whose record says ``ok`` is skipped (``force=true`` reruns it); an interrupted cell
+    A cell whose record says ``ok`` is skipped (``force=true`` reruns it); one done with the same
+    id in another sweep under ``results_dir`` is copied (``reused_from``); an interrupted cell
     resumes from its last training checkpoint.
     """
     rec = Record(cfg)
@@ -42,6 +43,9 @@ def run_cell(cfg: DictConfig) -> dict:
         if cfg.export.formats:
             log.warning("export not written for a done cell: `python -m qexp.export %s` (or force=true)", rec.dir)
         return rec.previous
+    if not cfg.force and (done := rec.reuse()):
+        log.info("reuse %s: same cell already done in %s (force=true reruns)", rec.dir, done["reused_from"])
+        return done
     with rec.open():
         validate(cfg)
         with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:

@@ -46,6 +46,30 @@ def test_same_config_same_cell_dir_and_different_bits_different_dir(cfg_factory)
     assert cell_dir(cfg_factory("bits=3", "tracking=wandb_offline")) == cell_dir(a)  # W&B mode is not identity
 
 
+def test_cell_id_ignores_fields_at_their_schema_default(cfg_factory):
+    """A config field added later with a default must not change existing cells' ids."""
+    from omegaconf import OmegaConf
+
+    from qexp.config import Config
+    from qexp.results import cell_id
+
+    a = cfg_factory("method=lrqat")
+    b = OmegaConf.to_container(a)
+    del b["quant"]["grid"], b["train"]["checkpoint_every"], b["method"]["phi"]  # all at their defaults
+    assert cell_id(OmegaConf.merge(OmegaConf.structured(Config), b)) == cell_id(a)
+    assert cell_id(cfg_factory("method=lrqat", "method.phi=bf16")) != cell_id(a)
+    assert cell_id(cfg_factory("method=lrqat", "quant.grid=50")) != cell_id(a)
+
+
+def test_a_cell_done_in_another_sweep_is_reused_not_rerun(cfg_factory):
+    first = run_cell(cfg_factory("method=rtn", "name=sweep_a"))
+    again = run_cell(cfg_factory("method=rtn", "name=sweep_b"))
+    assert again["reused_from"] == first["dir"] and again["metrics"] == first["metrics"]
+    assert Path(again["dir"]).parent.name == "sweep_b" and read(Path(again["dir"]) / "result.json")["name"] == "sweep_b"
+    forced = run_cell(cfg_factory("method=rtn", "name=sweep_c", "force=true"))
+    assert "reused_from" not in forced and forced["metrics"] == first["metrics"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("bits=5", "bits=5 is not valid; choose one of: 2, 3, 4, 8"),
     ("group_size=0", "group_size=0 is not valid"),

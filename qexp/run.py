@@ -38,13 +38,12 @@ def run_cell(cfg: DictConfig) -> dict:
     resumes from its last training checkpoint.
     """
     rec = Record(cfg)
-    if rec.previous.get("status") == "ok" and not cfg.force:
-        log.info("skip %s: already done (force=true reruns)", rec.dir)
+    done = None if cfg.force else rec.previous if rec.previous.get("status") == "ok" else rec.reuse()
+    if done:
+        log.info("skip %s: already done%s (force=true reruns)", rec.dir,
+                 f" in {done['reused_from']}" if done.get("reused_from") else "")
         if cfg.export.formats:
             log.warning("export not written for a done cell: `python -m qexp.export %s` (or force=true)", rec.dir)
-        return rec.previous
-    if not cfg.force and (done := rec.reuse()):
-        log.info("reuse %s: same cell already done in %s (force=true reruns)", rec.dir, done["reused_from"])
         return done
     with rec.open():
         validate(cfg)

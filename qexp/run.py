@@ -15,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
-from . import adapt, data, models
+from . import adapt, data, export, models
 from .config import check_group_size, method_config, register, validate
 from .eval import accuracy, perplexity
 from .methods import get as get_method
@@ -38,11 +38,12 @@ def run_cell(cfg: DictConfig) -> dict:
     resumes from its last training checkpoint.
     """
     rec = Record(cfg)
-    if rec.previous.get("status") == "ok" and not cfg.force:
-        log.info("skip %s: already done (force=true reruns)", rec.dir)
-        return rec.previous
-    if not cfg.force and (done := rec.reuse()):
-        log.info("reuse %s: same cell already done in %s (force=true reruns)", rec.dir, done["reused_from"])
+    done = None if cfg.force else rec.previous if rec.previous.get("status") == "ok" else rec.reuse()
+    if done:
+        log.info("skip %s: already done%s (force=true reruns)", rec.dir,
+                 f" in {done['reused_from']}" if done.get("reused_from") else "")
+        if cfg.export.formats:
+            log.warning("export not written for a done cell: `python -m qexp.export %s` (or force=true)", rec.dir)
         return done
     with rec.open():
         validate(cfg)
@@ -88,9 +89,13 @@ def run_cell(cfg: DictConfig) -> dict:
                 evaluate("unmerged")
             probe = next(iter(evalsets.values())).reshape(-1)[: cfg.eval.merge_check_tokens].unsqueeze(0)
             probe = probe.to(model.device)
+            adapters = export.adapters(model) if cfg.export.formats else None  # base + adapter, pre-merge
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")
+            if cfg.export.formats:
+                with rec.timer("export"):
+                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
     rec.checkpoint.unlink(missing_ok=True)
     return rec.data

@@ -46,6 +46,7 @@ class CLoQDeployed(nn.Module):
     def __init__(self, base: QuantLinear, a: Tensor, b: Tensor, scaling: float) -> None:
         super().__init__()
         self.base, self.scaling = base, scaling
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.register_buffer("lora_A", a.detach().clone())
         self.register_buffer("lora_B", b.detach().clone())
 

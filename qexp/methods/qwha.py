@@ -74,6 +74,7 @@ class QWHADeployed(nn.Module):
     def __init__(self, base: QuantLinear, idx: Tensor, c: Tensor, scale: float) -> None:
         super().__init__()
         self.base, self.scale = base, scale
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.register_buffer("idx", idx)
         self.register_buffer("c", c.detach().clone())
 

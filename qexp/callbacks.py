@@ -1,4 +1,5 @@
-"""Hydra callback: name every failed cell of a sweep (Hydra itself re-raises only the first)."""
+"""Hydra callback: name every failed cell of a sweep (Hydra itself re-raises only the first), and
+stop the sweep when a cell was stopped by a signal (SIGTERM/SIGUSR1: preemption, ``kill``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+STOPS = ("Preempted", "Interrupted")  # qexp.train.Preempted, qexp.results.Interrupted
 
 
 class ReportFailures(Callback):
@@ -26,6 +29,9 @@ class ReportFailures(Callback):
             line = f"{' '.join(job_return.overrides or [])}: {type(err).__name__}: {err}"
             self.failed.append(line)
             print(f"[qexp] cell failed: {line}", file=sys.stderr)
+            if type(err).__name__ in STOPS:  # a stop signal ends the sweep, not just this cell
+                print("[qexp] stop signal: sweep stopped; rerun the same command to resume", file=sys.stderr)
+                raise SystemExit(143)
 
     def _summary(self) -> None:
         if self.failed and self.total > 1:

@@ -104,3 +104,19 @@ def test_sigterm_outside_training_records_the_interruption(tmp_path):
     assert proc.wait(timeout=120) != 0
     rec = read(next(tmp_path.rglob("result.json")))
     assert rec["status"] == "failed" and rec["error"].startswith("Interrupted: signal SIGTERM")
+
+
+def test_a_stop_signal_ends_the_sweep_but_an_ordinary_failure_does_not():
+    import pytest
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from qexp.callbacks import ReportFailures
+    from qexp.train import Preempted
+
+    cb = ReportFailures()
+    failed = JobReturn(overrides=["bits=5"], status=JobStatus.FAILED, _return_value=ValueError("bits=5"))
+    cb.on_job_end(None, failed)  # goes on to the next cell
+    stopped = JobReturn(overrides=["bits=3"], status=JobStatus.FAILED, _return_value=Preempted("stop at step 3"))
+    with pytest.raises(SystemExit):
+        cb.on_job_end(None, stopped)
+    assert len(cb.failed) == 2

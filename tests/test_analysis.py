@@ -209,3 +209,22 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     assert "48/50 hold" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert (tmp_path / "pareto.png").exists()
+
+
+def test_compare_grid_base_to_final_and_against_a_baseline(res, tmp_path, capsys):
+    t = analysis.compare(res.df, "ppl/wikitext_sample", baseline="rtn")
+    assert t.loc[("peqa", 64), (2, "base")] == 78.0 and t.loc[("peqa", 64), (2, "final")] == 60.0
+    assert t.loc[("peqa", 64), (2, "vs rtn")] == True  # noqa: E712  (60 < rtn's 900: lower ppl is better)
+    assert pd.isna(t.loc[("rtn", 64), (2, "vs rtn")])  # the baseline is not compared with itself
+    worse = res.df.copy()
+    worse.loc[(worse["method"] == "peqa") & (worse["metric"] == "ppl/wikitext_sample/final") & (worse["bits"] == 2),
+              "value"] = 1000.0
+    assert analysis.compare(worse, "ppl/wikitext_sample", baseline="rtn").loc[("peqa", 64), (2, "vs rtn")] == False  # noqa: E712
+    md = analysis.compare_markdown(t, "ppl/wikitext_sample")
+    assert "| peqa | 64 | 78.00 → 60.00 | yes |" in md
+    assert main([str(FIXTURE), "--compare", "ppl/wikitext_sample", "--baseline", "rtn", "--no-plots",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "compare_ppl_wikitext_sample.md").read_text() == md
+    with pytest.raises(SystemExit):
+        main([str(FIXTURE), "--compare", "ppl/nope", "--out", str(tmp_path)])
+    assert "ppl/nope" in capsys.readouterr().err

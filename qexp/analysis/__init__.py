@@ -6,7 +6,8 @@
     analysis.save_plots(res.df, "results/my_sweep/analysis")
     analysis.log_table(t, project="qexp", group="my_sweep")   # a wandb.Table (offline by default)
 
-CLI: ``python -m qexp.analysis results/<sweep> --table lota_t1`` (``--list`` shows the tables).
+CLI: ``python -m qexp.analysis results/<sweep> --table lota_t1`` (``--list`` shows the tables);
+``--compare ppl/wikitext_sample --baseline rtn``: one metric as a method × bits grid, base → final.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from .compare import compare, compare_markdown
 from .load import Results, load, wide
 from .metrics import direction, parse
 from .plots import plot_cost, plot_pareto, plot_vs_bits, save_plots
 from .tables import Table, list_tables, paper_values, table
 
-__all__ = ["Results", "Table", "direction", "flat", "list_tables", "load", "log_table", "paper_values", "parse",
+__all__ = ["Results", "Table", "compare", "compare_markdown", "direction",
+           "flat", "list_tables", "load", "log_table", "paper_values", "parse",
            "plot_cost", "plot_pareto", "plot_vs_bits", "save_plots", "table", "wide"]
 
 

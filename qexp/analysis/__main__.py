@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from . import flat, list_tables, load, log_table, save_plots, table, wide
+from .compare import compare, compare_markdown
 from .tables import registry
 
 
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="append", default=[], help="paper table to fill (repeatable; 'all')")
     p.add_argument("--list", action="store_true", help="list the paper tables and exit")
     p.add_argument("--paper-model", help="the paper's model to compare with (default: the table's reference)")
+    p.add_argument("--compare", action="append", default=[], metavar="METRIC",
+                   help="method x bits grid of METRIC (e.g. ppl/wikitext_sample), base -> final (repeatable)")
+    p.add_argument("--baseline", help="with --compare: say whether each method's final value beats this method's")
     p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
     p.add_argument("--out", help="output directory (default: <source>/analysis)")
     p.add_argument("--no-plots", action="store_true")
@@ -55,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     cells.to_csv(out / "cells.csv", index=False)
     sweeps = sorted(set(res.df["sweep"].dropna())) if len(res.df) else []
     group = sweeps[0] if len(sweeps) == 1 else src.name
+    for metric in a.compare:
+        try:
+            grid = compare(res.df, metric, a.baseline)
+        except KeyError as e:
+            p.error(str(e.args[0]))
+        md = compare_markdown(grid, metric)
+        print("\n" + md)
+        (out / f"compare_{metric.replace('/', '_')}.md").write_text(md)
     for n in names:
         try:
             t = table(res.df, n, a.paper_model, a.stage)

@@ -1,0 +1,48 @@
+"""One metric of a sweep as a method × bits grid: base → final, and whether each method beats a baseline."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .metrics import direction
+from .tables import fmt
+
+
+def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str | None = None) -> pd.DataFrame:
+    """Rows ``(method, group_size)``, columns ``(bits, base|final|vs <baseline>)``.
+
+    ``vs <baseline>`` is True where the method's final value is better than the baseline
+    method's final value at the same bits and group size (direction from ``metrics``)."""
+    rows = df[df["metric"].isin([f"{metric}/base", f"{metric}/final"])]
+    if rows.empty:
+        have = sorted({m.rsplit("/", 1)[0] for m in df["metric"]})
+        raise KeyError(f"metric {metric!r} has no base/final values here; available: {', '.join(have)}")
+    t = rows.pivot_table(index=["method", "group_size"], columns=["bits", "stage"], values="value", aggfunc="first")
+    if baseline:
+        sign = direction(metric) or -1
+        for b in sorted(t.columns.get_level_values(0).unique()):
+            ref = t[(b, "final")].xs(baseline, level="method", drop_level=False) if (b, "final") in t else None
+            if ref is None or ref.empty:
+                continue
+            by_gs = ref.droplevel("method")
+            base = t.index.get_level_values("group_size").map(by_gs)
+            own = t.index.get_level_values("method") == baseline
+            t[(b, f"vs {baseline}")] = (sign * (t[(b, "final")] - base) > 0).where(base.notna() & ~own)
+    return t.reindex(columns=sorted(t.columns, key=lambda c: (c[0], ("base", "final").index(c[1])
+                                                               if c[1] in ("base", "final") else 2)))
+
+
+def compare_markdown(t: pd.DataFrame, metric: str) -> str:
+    """The grid as a Markdown table (``base → final`` per bit width)."""
+    bits = sorted(t.columns.get_level_values(0).unique())
+    extra = {b: [c[1] for c in t.columns if c[0] == b and c[1] not in ("base", "final")] for b in bits}
+    head = ["method", "group"] + [h for b in bits for h in [f"W{b} base → final", *(f"W{b} {e}" for e in extra[b])]]
+    lines = [f"{metric} (lower is better)" if direction(metric) == -1 else metric, "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, gs), r in t.iterrows():
+        cells = [method, "per-channel" if gs == -1 else str(gs)]
+        for b in bits:
+            cells.append(f"{fmt(r.get((b, 'base')))} → {fmt(r.get((b, 'final')))}")
+            cells += ["" if pd.isna(r.get((b, e))) else ("yes" if r.get((b, e)) else "no") for e in extra[b]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

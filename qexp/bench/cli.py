@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run the per-method setup/memory jobs in this process (fast; memory numbers unreliable)")
     p.add_argument("--out", default="results/bench", help="directory for bench.json and bench.md")
+    p.add_argument("--note", default="", help="a line about this run for the Markdown (e.g. what else ran)")
     return p
 
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(dev),
               "command": "python -m qexp.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "methods": methods, "scales": {}}
+              "methods": methods, "note": args.note, "scales": {}}
     with tempfile.TemporaryDirectory(prefix="qexp-bench-") as tmp:
         for scale in scales:
             result["scales"][scale] = run_scale(scale, methods, args, dev, Path(tmp))

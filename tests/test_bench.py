@@ -74,3 +74,17 @@ def test_bad_shape_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--scale", "layer", "--shapes", "4096by4096"])
     assert "--shapes: '4096by4096' is not valid; write D_INxD_OUT" in capsys.readouterr().err
+
+
+def test_render_rewrites_markdown_from_json(tmp_path):
+    saved = {"date": "d", "machine": {"cpu": "c", "cpu_count": 1, "torch_threads": 1, "torch": "t", "device": "cpu"},
+             "command": "python -m qexp.bench", "methods": ["lora", "peqa"], "scales": {"model": {
+                 "settings": {"model": "m", "batch": 1, "seqlen": 8, "bits": 3, "group_size": 64, "repeats": 1,
+                              "warmup": 0, "steps": 1, "overrides": []},
+                 "rows": [{"method": "lora", "step_ms": 10.0, "x_lora_step": 1.0},
+                          {"method": "peqa", "step_ms": 16.0, "x_lora_step": 1.6}]}}}
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    main(["--render", str(tmp_path / "bench.json")])
+    md = (tmp_path / "bench.md").read_text()
+    assert "step ≤ 1.15× LoRA missed by peqa: model 1.60× ✗ (> 1.5× somewhere). Why: ∂L/∂s" in md
+    assert "written again from bench.json" in md

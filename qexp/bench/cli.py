@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
                    help="run the per-method setup/memory jobs in this process (fast; memory numbers unreliable)")
     p.add_argument("--out", default="results/bench", help="directory for bench.json and bench.md")
     p.add_argument("--note", default="", help="a line about this run for the Markdown (e.g. what else ran)")
+    p.add_argument("--render", metavar="BENCH_JSON", default=None,
+                   help="measure nothing: write bench.md again from a saved bench.json (current notes and targets)")
     return p
 
 
@@ -202,9 +204,23 @@ def run_scale(scale: str, methods: list[str], args, dev: torch.device, tmp: Path
     return {"settings": settings, "rows": rows}
 
 
+def render(path: Path) -> dict:
+    """``bench.md`` next to ``path`` from its JSON, with this version's notes and target check."""
+    result = json.loads(path.read_text())
+    result["targets"] = report.targets(result)
+    result["rendered"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = report.markdown(result)
+    path.write_text(json.dumps(result, indent=1, default=float))
+    (path.parent / "bench.md").write_text(md)
+    print(md)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser()
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     methods = select_methods(p, args.methods)
     for key in ("repeats", "steps", "mem_steps", "batch", "seqlen"):
         if getattr(args, key) < 1:

@@ -66,19 +66,24 @@ class L4QFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = gy @ lsq_weight(codes, s, beta, spec.group_size).to(gy.dtype)
         if any(ctx.needs_input_grad[2:6]):
+            # Full-size temporaries are reused in place once their last reader is done (same bits as
+            # fresh products): G, then M⊙G in G's storage, G⊙w̃ in w̃'s, (M⊙G)⊙w in w's.
             g = gy.reshape(-1, gy.shape[-1]).T.to(w0.dtype) @ x.reshape(-1, x.shape[-1]).to(w0.dtype)  # G, transient
-            gm = g * mask  # M ⊙ G: no gradient through clipped entries
+            gsum = partial(_group_sum, group_size=spec.group_size)
+            sum_g = gsum(g) if ctx.needs_input_grad[5] else None
+            g_codes = gsum(codes.mul_(g)) if ctx.needs_input_grad[4] else None
+            gm = g.mul_(mask)  # M ⊙ G: no gradient through clipped entries
+            del g
             if ctx.needs_input_grad[2]:
                 ga = alpha * (b.T @ gm)
             if ctx.needs_input_grad[3]:
                 gb = alpha * (gm @ a.T)
-            gsum = partial(_group_sum, group_size=spec.group_size)
+            if ctx.needs_input_grad[5]:  # Σ_group G ⊙ (1 − M) = Σ G − Σ M⊙G
+                gbeta = (sum_g - gsum(gm)).to(beta.dtype) * ctx.gscale
             if ctx.needs_input_grad[4]:
                 # Σ_group G ⊙ [M⊙(w̃ − w) + (1−M)⊙clamp(w)] = Σ G⊙w̃ − Σ (M⊙G)⊙w   (w̃ = clamp(w) off range)
-                gs = (gsum(g * codes) - gsum(gm * wn)).to(s.dtype) * ctx.gscale
-            if ctx.needs_input_grad[5]:  # Σ_group G ⊙ (1 − M) = Σ G − Σ M⊙G
-                gbeta = (gsum(g) - gsum(gm)).to(beta.dtype) * ctx.gscale
-            del g, gm
+                gs = (g_codes - gsum(wn.mul_(gm))).to(s.dtype) * ctx.gscale
+            del gm
         return gx, None, ga, gb, gs, gbeta, None, None, None, None
 
 

@@ -41,8 +41,8 @@ class _TernarizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dw: Tensor, omega: float, up: Tensor, down: Tensor) -> Tensor:
         plus = (dw > omega) & up
-        minus = (dw < -omega) & down
-        return plus.to(dw.dtype) - minus.to(dw.dtype)
+        minus = (dw < -omega) & down  # disjoint from plus (ω > 0): one float tensor, -1 filled in
+        return plus.to(dw.dtype).masked_fill_(minus, -1.0)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:
@@ -56,7 +56,7 @@ def ternary_adjustment(dw: Tensor, omega: float, up: Tensor, down: Tensor) -> Te
 
 def offset_factor(dw: Tensor, w_hat: Tensor, omega: float, group_size: int, scaling: str = "code") -> Tensor:
     """``μ [d_out, n_groups]``: group mean of ``W̃ = ΔW - ω·sg(Ŵ)``, divided by ω under ``code``."""
-    offset = dw - omega * w_hat.detach()
+    offset = torch.add(dw, w_hat.detach(), alpha=-omega)  # dw - ω·ŵ (ω·ŵ ∈ {0, ±ω} is exact: same bits)
     mu = grouped(offset, group_size).mean(-1)
     return mu / omega if scaling == "code" else mu
 
@@ -98,7 +98,7 @@ class LoTALinear(MethodLayer):
         dw = self.delta() if dw is None else dw
         w_hat = ternary_adjustment(dw, self.omega, self.up, self.down)
         mu = offset_factor(dw, w_hat, self.omega, self.spec.group_size, self.mu_scaling)
-        return self.codes.to(self.scale.dtype) + w_hat, self.zero - mu
+        return w_hat + self.codes, self.zero - mu  # integer codes promoted exactly, no converted copy
 
     def weight(self) -> Tensor:
         codes, zero = self.operands()

@@ -56,10 +56,17 @@ class LRQATConfig(MethodConfig):
 
 def _codes(phi0: Tensor, frac_bits: int | None, offset: int, a: Tensor, b: Tensor, scaling: float,
            spec: QuantSpec) -> Tensor:
-    """``clamp(⌊φ⁻¹(Φ₀) + offset + (α/r)AB⌉, q_min, q_max)`` as exact integers in float32 (STE)."""
-    base = phi0.float() / 2**frac_bits if frac_bits is not None else phi0.float()
-    c = scaling * (a.float() @ b.float())
-    return torch.clamp(ste_round(base + offset + c), spec.qmin, spec.qmax)
+    """``clamp(⌊φ⁻¹(Φ₀) + offset + (α/r)AB⌉, q_min, q_max)`` as exact integers in float32 (STE).
+
+    The frozen part and the product are formed in place on their fresh tensors (the same
+    operations in the same order, so the same bits; four full-size allocations fewer per call).
+    """
+    base = phi0.float() if phi0.dtype != torch.float32 else phi0.clone()
+    if frac_bits is not None:
+        base.div_(2**frac_bits)
+    base.add_(offset)
+    c = (a.float() @ b.float()).mul_(scaling)
+    return torch.clamp(ste_round(c.add_(base)), spec.qmin, spec.qmax)
 
 
 def _forward(x: Tensor, phi0: Tensor, a: Tensor, b: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,

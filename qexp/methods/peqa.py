@@ -24,7 +24,7 @@ class PEQALinear(MethodLayer):
         self.scale = nn.Parameter(qw.scale.clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        w = dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero, self.spec.group_size)
+        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
         return F.linear(x, w, self.bias)
 
     def merge(self) -> nn.Module:

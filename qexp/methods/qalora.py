@@ -54,7 +54,7 @@ class QALoRALinear(MethodLayer):
         return x.unflatten(-1, (self.groups, self.group_len)).mean(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero, self.spec.group_size)
+        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
         y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y + self.scaling * F.linear(F.linear(self.pool(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 

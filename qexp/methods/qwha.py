@@ -58,13 +58,14 @@ class QWHAConfig(MethodConfig):
 
 def sparse_delta(idx: Tensor, c: Tensor, shape: tuple[int, int], scale: float) -> Tensor:
     """``scale · iWHT(F)`` with ``F`` the ``[d_out, d_in]`` scatter of ``c`` at flat indices ``idx``."""
-    dense = c.new_zeros(shape[0] * shape[1]).scatter(0, idx, c * scale)  # scale p values, not d_out·d_in
+    dense = c.new_zeros(shape[0] * shape[1]).scatter_(0, idx, c * scale)  # scale p values, not d_out·d_in
     return ifwht(dense.view(shape))
 
 
 def adapter_forward(base: QuantLinear, idx: Tensor, c: Tensor, scale: float, x: Tensor) -> Tensor:
     """``x (W_Q + ΔW)ᵀ + b``: the one forward shared by training and the deployed module."""
-    w = base.weight_fp() + sparse_delta(idx, c, (base.out_features, base.in_features), scale)
+    w_q, delta = base.weight_fp(), sparse_delta(idx, c, (base.out_features, base.in_features), scale)
+    w = w_q.add_(delta) if torch.result_type(w_q, delta) == w_q.dtype else w_q + delta  # W_Q + ΔW, in place
     return F.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
 
 

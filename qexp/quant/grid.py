@@ -59,8 +59,23 @@ def grouped(w: Tensor, group_size: int) -> Tensor:
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
-    """``(codes - zero) * scale`` per group; the single dequantization used everywhere."""
-    w = (grouped(codes, group_size) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    """``(codes - zero) * scale`` per group; the single dequantization used everywhere.
+
+    ``codes`` is an exactly-integer float tensor or the stored integer tensor itself, which is
+    promoted exactly to the float type (no separate converted copy). When no gradient is taken,
+    the product is formed in place on the one new tensor: same operations, same bits, one
+    full-size allocation instead of three (on CPU each fresh tensor costs page faults).
+    """
+    g, z, s = grouped(codes, group_size), zero.unsqueeze(-1), scale.unsqueeze(-1)
+    if not codes.is_floating_point():
+        dt = torch.promote_types(scale.dtype, zero.dtype)  # what codes.to(scale.dtype) - zero gives
+        g = g if zero.dtype == dt else g.to(dt)
+    w = g - z
+    grad = torch.is_grad_enabled() and (codes.requires_grad or scale.requires_grad or zero.requires_grad)
+    if grad or torch.result_type(w, s) != w.dtype:
+        w = w * s
+    else:
+        w.mul_(s)
     return w.reshape(codes.shape)
 
 
@@ -121,4 +136,4 @@ class QuantWeight:
         return bool(torch.equal(self.zero, torch.round(self.zero)))
 
     def dequantize(self) -> Tensor:
-        return dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero, self.spec.group_size)
+        return dequantize(self.codes, self.scale, self.zero, self.spec.group_size)

@@ -26,7 +26,7 @@ class QuantLinear(nn.Module):
         return QuantWeight(self.codes, self.scale, self.zero, self.spec)
 
     def weight_fp(self) -> Tensor:
-        return dequantize(self.codes.to(self.scale.dtype), self.scale, self.zero, self.spec.group_size)
+        return dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight_fp().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

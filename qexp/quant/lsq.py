@@ -28,8 +28,13 @@ def offset_zero(scale: Tensor, offset: Tensor) -> Tensor:
 
 
 def lsq_normalize(w: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> Tensor:
-    """``(W − β)/s`` per group, back in ``[d_out, d_in]`` layout."""
-    return ((grouped(w, group_size) - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).reshape(w.shape)
+    """``(W − β)/s`` per group, back in ``[d_out, d_in]`` layout (the division in place on the one
+    new tensor when no gradient is taken: same bits, one full-size allocation instead of two)."""
+    t = grouped(w, group_size) - offset.unsqueeze(-1)
+    s = scale.unsqueeze(-1)
+    grad = torch.is_grad_enabled() and (w.requires_grad or scale.requires_grad or offset.requires_grad)
+    t = t / s if grad or torch.result_type(t, s) != t.dtype else t.div_(s)
+    return t.reshape(w.shape)
 
 
 def lsq_codes(w: Tensor, scale: Tensor, offset: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,5 @@
+"""``python -m qexp.bench``."""
+
+from .cli import main
+
+main()

@@ -120,3 +120,6 @@ def test_a_stop_signal_ends_the_sweep_but_an_ordinary_failure_does_not():
     with pytest.raises(SystemExit):
         cb.on_job_end(None, stopped)
     assert len(cb.failed) == 2
+    import atexit
+
+    atexit.unregister(cb._summary)  # no failure summary printed at the end of the test session

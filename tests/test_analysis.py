@@ -228,3 +228,14 @@ def test_compare_grid_base_to_final_and_against_a_baseline(res, tmp_path, capsys
     with pytest.raises(SystemExit):
         main([str(FIXTURE), "--compare", "ppl/nope", "--out", str(tmp_path)])
     assert "ppl/nope" in capsys.readouterr().err
+
+
+def test_compare_keeps_cells_apart_that_differ_in_a_config_value(res):
+    peqa = res.df[res.df["method"] == "peqa"].copy()
+    peqa["cell_id"] += "-lr2"
+    peqa["train.lr"] = 123.0
+    peqa["value"] *= 2
+    t = analysis.compare(pd.concat([res.df, peqa]), "ppl/wikitext_sample")
+    assert "train.lr" in t.index.names
+    rows = t.xs("peqa", level="method")[(2, "final")]
+    assert sorted(rows.tolist()) == [60.0, 120.0]

@@ -17,14 +17,18 @@ def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str
     if rows.empty:
         have = sorted({m.rsplit("/", 1)[0] for m in df["metric"]})
         raise KeyError(f"metric {metric!r} has no base/final values here; available: {', '.join(have)}")
-    t = rows.pivot_table(index=["method", "group_size"], columns=["bits", "stage"], values="value", aggfunc="first")
+    keys = ["method", "group_size", *varying(rows)]
+    t = rows.pivot_table(index=keys, columns=["bits", "stage"], values="value", aggfunc="first", dropna=False)
+    t = t.dropna(how="all")
+    if baseline and baseline not in set(t.index.get_level_values("method")):
+        raise KeyError(f"baseline {baseline!r} has no cells here; methods: {', '.join(sorted(set(rows['method'])))}")
     if baseline:
         sign = direction(metric) or -1
         for b in sorted(t.columns.get_level_values(0).unique()):
             ref = t[(b, "final")].xs(baseline, level="method", drop_level=False) if (b, "final") in t else None
             if ref is None or ref.empty:
                 continue
-            by_gs = ref.droplevel("method")
+            by_gs = ref.groupby(level="group_size").first()  # the baseline's own variants: the first
             base = t.index.get_level_values("group_size").map(by_gs)
             own = t.index.get_level_values("method") == baseline
             t[(b, f"vs {baseline}")] = (sign * (t[(b, "final")] - base) > 0).where(base.notna() & ~own)
@@ -32,15 +36,30 @@ def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str
                                                                if c[1] in ("base", "final") else 2)))
 
 
+def varying(rows: pd.DataFrame) -> list[str]:
+    """Config columns that differ between cells of the same method, group size and bits (e.g. an
+    lr sweep): they become row keys, so different cells never collapse into one."""
+    cols = [c for c in rows.columns if "." in c and not c.startswith(("eval.", "data.", "model."))]
+    cells = rows.drop_duplicates("cell_id")
+    out = []
+    for c in cols:
+        vals = cells[c].astype(str)
+        if vals.groupby([cells["method"], cells["group_size"], cells["bits"]]).nunique().max() > 1:
+            out.append(c)
+    return out
+
+
 def compare_markdown(t: pd.DataFrame, metric: str) -> str:
     """The grid as a Markdown table (``base → final`` per bit width)."""
     bits = sorted(t.columns.get_level_values(0).unique())
     extra = {b: [c[1] for c in t.columns if c[0] == b and c[1] not in ("base", "final")] for b in bits}
-    head = ["method", "group"] + [h for b in bits for h in [f"W{b} base → final", *(f"W{b} {e}" for e in extra[b])]]
+    extra_keys = list(t.index.names[2:])
+    head = ["method", "group", *extra_keys]
+    head += [h for b in bits for h in [f"W{b} base → final", *(f"W{b} {e}" for e in extra[b])]]
     lines = [f"{metric} (lower is better)" if direction(metric) == -1 else metric, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, gs), r in t.iterrows():
-        cells = [method, "per-channel" if gs == -1 else str(gs)]
+    for (method, gs, *more), r in t.iterrows():
+        cells = [method, "per-channel" if gs == -1 else str(gs), *map(str, more)]
         for b in bits:
             cells.append(f"{fmt(r.get((b, 'base')))} → {fmt(r.get((b, 'final')))}")
             cells += ["" if pd.isna(r.get((b, e))) else ("yes" if r.get((b, e)) else "no") for e in extra[b]]

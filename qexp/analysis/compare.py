@@ -20,17 +20,18 @@ def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str
     keys = ["method", "group_size", *varying(rows)]
     t = rows.pivot_table(index=keys, columns=["bits", "stage"], values="value", aggfunc="first", dropna=False)
     t = t.dropna(how="all")
-    if baseline and baseline not in set(t.index.get_level_values("method")):
-        raise KeyError(f"baseline {baseline!r} has no cells here; methods: {', '.join(sorted(set(rows['method'])))}")
     if baseline:
+        if baseline not in set(t.index.get_level_values("method")):
+            methods = ", ".join(sorted(set(rows["method"])))
+            raise KeyError(f"baseline {baseline!r} has no cells here; methods: {methods}")
         sign = direction(metric) or -1
+        own = t.index.get_level_values("method") == baseline
         for b in sorted(t.columns.get_level_values(0).unique()):
-            ref = t[(b, "final")].xs(baseline, level="method", drop_level=False) if (b, "final") in t else None
-            if ref is None or ref.empty:
+            if (b, "final") not in t:
                 continue
-            by_gs = ref.groupby(level="group_size").first()  # the baseline's own variants: the first
-            base = t.index.get_level_values("group_size").map(by_gs)
-            own = t.index.get_level_values("method") == baseline
+            # the baseline's final value per group size (its first variant if it has several)
+            ref = t[(b, "final")].xs(baseline, level="method").groupby(level="group_size").first()
+            base = t.index.get_level_values("group_size").map(ref)
             t[(b, f"vs {baseline}")] = (sign * (t[(b, "final")] - base) > 0).where(base.notna() & ~own)
     return t.reindex(columns=sorted(t.columns, key=lambda c: (c[0], ("base", "final").index(c[1])
                                                                if c[1] in ("base", "final") else 2)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -14,12 +15,13 @@ from .quant.base import base_quantizer
 
 
 def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quant_cfg,
-           calib: Callable[[], Tensor]) -> None:
+           calib: Callable[[], Tensor], cache_dir: Path | None = None) -> None:
     """Quantize each target with the base quantizer (if the method starts from one) and swap in
-    the method's training layer. Everything else in the model stays frozen."""
+    the method's training layer. Everything else in the model stays frozen. ``cache_dir``: where
+    GPTQ bases are cached across cells (None: no cache)."""
     model.requires_grad_(False)
     method.prepare(model, targets, calib() if method.NEEDS_CALIB else None)
-    quantize = base_quantizer(quant_cfg, method.spec, model, targets, calib) if method.NEEDS_BASE else None
+    quantize = base_quantizer(quant_cfg, method.spec, model, targets, calib, cache_dir) if method.NEEDS_BASE else None
     for name, linear in targets.items():
         qw = quantize(name, linear) if quantize else None
         set_module(model, name, method.layer(name, linear, qw))

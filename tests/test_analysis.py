@@ -239,3 +239,24 @@ def test_compare_keeps_cells_apart_that_differ_in_a_config_value(res):
     assert "train.lr" in t.index.names
     rows = t.xs("peqa", level="method")[(2, "final")]
     assert sorted(rows.tolist()) == [60.0, 120.0]
+
+
+def test_perplexity_proxy_where_no_record_has_the_papers_metric(res):
+    def lota_beats_gptq(t: analysis.Table) -> bool:
+        o = t.ordering[(t.ordering["bits"] == 3) & (t.ordering["column"] == "Avg")]
+        hit = o[(o["better"] == "lota") & (o["worse"] == "gptq")]  # the paper: LoTA-QAF above GPTQ
+        assert len(hit) == 1
+        return bool(hit["holds"].iloc[0])
+
+    assert not analysis.table(res.df, "lota_t1").values["proxy"].any()  # accuracy present: no proxy
+    ppl_only = res.df[~res.df["metric"].str.startswith("acc")]
+    t = analysis.table(ppl_only, "lota_t1")
+    row = t.values[(t.values["bits"] == 3) & (t.values["column"] == "Avg")].set_index("method")
+    assert row["proxy"].all() and row.at["lota", "ours_metric"] == "ppl/wikitext_sample/final"
+    ppl = ppl_only[(ppl_only["metric"] == "ppl/wikitext_sample/final") & (ppl_only["bits"] == 3)]
+    lota, gptq = (ppl.loc[ppl["method"] == m, "value"].mean() for m in ("lota", "gptq"))
+    assert row.at["lota", "ours"] == pytest.approx(lota)
+    assert lota_beats_gptq(t) == (lota < gptq)  # lower perplexity is better
+    flipped = analysis.table(swap(ppl_only, "ppl/wikitext_sample/final", 3, "lota", "gptq"), "lota_t1")
+    assert lota_beats_gptq(flipped) != lota_beats_gptq(t)
+    assert "ppl " in t.markdown() and "**Proxy**" in t.markdown()

@@ -107,9 +107,17 @@ class Table:
         """Strings ``ours [paper]`` per (column, paper label); row keys as columns."""
         f = self.frame()
         labels = dict(zip(self.values["method"], self.values["label"], strict=False))
+        proxy = self.values.set_index([*self.keys, "column"])["proxy"]
+        proxy = proxy[~proxy.index.duplicated()]
+
+        def cell(key: tuple, col: str, o: float, p: float) -> str:
+            mark = "ppl " if proxy.get((*key, col), False) and not pd.isna(o) else ""
+            return f"{mark}{fmt(o)} [{fmt(p)}]"
+
         out = pd.DataFrame({f"{c['label']}: {labels.get(m) or m + ' (not in paper)'}":
-                            [f"{fmt(o)} [{fmt(p)}]" for o, p in zip(f[(c["label"], m, "ours")],
-                                                                     f[(c["label"], m, "paper")], strict=True)]
+                            [cell(k if isinstance(k, tuple) else (k,), c["label"], o, p)
+                             for k, o, p in zip(f.index, f[(c["label"], m, "ours")], f[(c["label"], m, "paper")],
+                                                strict=True)]
                             for c in self.spec["columns"] for m in self.spec["methods"]}, index=f.index)
         out["direction"] = f[("direction", "", "")]
         out = out.reset_index()
@@ -193,7 +201,8 @@ def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
             if dp == 0 or not sign:
                 continue
             better, worse = (a, b) if dp > 0 else (b, a)
-            do = sign * (g.at[better, "ours"] - g.at[worse, "ours"])
+            # ours may be a proxy metric with its own direction (perplexity where the paper has accuracy)
+            do = g.at[better, "sign_ours"] * (g.at[better, "ours"] - g.at[worse, "ours"])
             out.append({**dict(zip(keys, key, strict=True)), "column": col, "better": better, "worse": worse,
                         "paper_diff": abs(dp), "ours_diff": do, "holds": bool(do > 0)})
     cols = [*keys, "column", "better", "worse", "paper_diff", "ours_diff", "holds"]
@@ -240,8 +249,12 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         pm = _paper_model(row["model"], csv, ref) if "model" in row else ref
         for col in sp["columns"]:
             sign = M.direction(col["ours"][0]) or 0
+            found = {m: _ours(recs_ours, row, m, col, sp, stage) for m in sp["methods"]}
+            proxy = bool(sp.get("proxy")) and not any(f[1] for f in found.values())
+            if proxy:  # no record has this column's metric: ours by the proxy (perplexity), for every method
+                found = {m: _ours(recs_ours, row, m, {"ours": sp["proxy"]}, sp, stage) for m in sp["methods"]}
             for m in sp["methods"]:
-                o, metric, n = _ours(recs_ours, row, m, col, sp, stage)
+                o, metric, n = found[m]
                 label = labels[m]
                 p, pg = _paper(recs_csv, pm, label, row, col, sp)
                 if metric:
@@ -252,11 +265,13 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
                 if not pd.isna(pg) and row.get("group_size") not in (None, pg):
                     group_swaps.add((row["group_size"], int(pg)))
                 recs.append({**{k: row[k] for k in keys}, "paper_model": pm, "column": col["label"], "method": m,
-                             "label": label, "ours": o, "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign})
+                             "label": label, "ours": o, "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign,
+                             "sign_ours": (M.direction(metric) or 0) if proxy and metric else sign, "proxy": proxy})
     values = pd.DataFrame(recs)
     order = ordering(values, sp, [*keys, "paper_model"])
     notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
-    return Table(name, sp, values.drop(columns="sign"), order, notes[:1] + sorted(fallbacks) + notes[1:])
+    return Table(name, sp, values.drop(columns=["sign", "sign_ours"]), order,
+                 notes[:1] + sorted(fallbacks) + notes[1:])
 
 
 def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: set, stage: str,
@@ -290,6 +305,12 @@ def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: se
             got = sorted(set(cells[key].astype(str))) if key in cells else []
             if got and got != [str(val)]:
                 notes.append(f"{method} ran with {key}={','.join(got)}; the paper's setting is {key}={val}.")
+    if values["proxy"].any():
+        cols = ", ".join(dict.fromkeys(values.loc[values["proxy"], "column"]))
+        notes.append(f"**Proxy**: no record has the paper's metric for {cols}; those cells show our perplexity "
+                     f"(`ppl` …, lower is better; metrics tried: {', '.join(sp['proxy'])}) beside the paper's "
+                     "accuracy, and direction compares the paper's ordering by its metric with ours by perplexity. "
+                     "Run the experiment with an accuracy eval (eval=embedded) for the paper's metric itself.")
     notes.append("direction: for every pair of methods with both values, whether the method the paper finds better "
                  "(higher accuracy, lower perplexity) is also better in ours.")
     if sp.get("note"):

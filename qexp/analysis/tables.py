@@ -250,9 +250,9 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         for col in sp["columns"]:
             sign = M.direction(col["ours"][0]) or 0
             found = {m: _ours(recs_ours, row, m, col, sp, stage) for m in sp["methods"]}
-            proxy = bool(sp.get("proxy")) and not any(f[1] for f in found.values())
+            proxy = bool(col.get("proxy")) and not any(f[1] for f in found.values())
             if proxy:  # no record has this column's metric: ours by the proxy (perplexity), for every method
-                found = {m: _ours(recs_ours, row, m, {"ours": sp["proxy"]}, sp, stage) for m in sp["methods"]}
+                found = {m: _ours(recs_ours, row, m, {"ours": col["proxy"]}, sp, stage) for m in sp["methods"]}
             for m in sp["methods"]:
                 o, metric, n = found[m]
                 label = labels[m]
@@ -306,9 +306,10 @@ def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: se
             if got and got != [str(val)]:
                 notes.append(f"{method} ran with {key}={','.join(got)}; the paper's setting is {key}={val}.")
     if values["proxy"].any():
-        cols = ", ".join(dict.fromkeys(values.loc[values["proxy"], "column"]))
-        notes.append(f"**Proxy**: no record has the paper's metric for {cols}; those cells show our perplexity "
-                     f"(`ppl` …, lower is better; metrics tried: {', '.join(sp['proxy'])}) beside the paper's "
+        cols = list(dict.fromkeys(values.loc[values["proxy"], "column"]))
+        tried = dict.fromkeys(m for c in sp["columns"] if c["label"] in cols for m in c["proxy"])
+        notes.append(f"**Proxy**: no record has the paper's metric for {', '.join(cols)}; those cells show our "
+                     f"perplexity (`ppl` …, lower is better; metrics tried: {', '.join(tried)}) beside the paper's "
                      "accuracy, and direction compares the paper's ordering by its metric with ours by perplexity. "
                      "Run the experiment with an accuracy eval (eval=embedded) for the paper's metric itself.")
     notes.append("direction: for every pair of methods with both values, whether the method the paper finds better "

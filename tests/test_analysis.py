@@ -228,6 +228,12 @@ def test_compare_grid_base_to_final_and_against_a_baseline(res, tmp_path, capsys
     with pytest.raises(SystemExit):
         main([str(FIXTURE), "--compare", "ppl/nope", "--out", str(tmp_path)])
     assert "ppl/nope" in capsys.readouterr().err
+    # a metric without stages: one value per bit width, taken from the record as is
+    diff = analysis.compare(res.df, "merge/max_abs_logit_diff")
+    want = res.df[(res.df["metric"] == "merge/max_abs_logit_diff") & (res.df["method"] == "peqa")
+                  & (res.df["bits"] == 2)]["value"].iloc[0]
+    assert diff.loc[("peqa", 64), (2, "value")] == want
+    assert "| method | group | W2 |" in analysis.compare_markdown(diff, "merge/max_abs_logit_diff")
 
 
 def test_compare_keeps_cells_apart_that_differ_in_a_config_value(res):

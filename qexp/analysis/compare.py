@@ -9,14 +9,18 @@ from .tables import fmt
 
 
 def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str | None = None) -> pd.DataFrame:
-    """Rows ``(method, group_size)``, columns ``(bits, base|final|vs <baseline>)``.
+    """Rows ``(method, group_size)``, columns ``(bits, base|final|vs <baseline>)``; a metric without
+    stages (``merge/max_abs_logit_diff``, ``time/train_s``) gets one ``value`` column per bit width.
 
     ``vs <baseline>`` is True where the method's final value is better than the baseline
     method's final value at the same bits and group size (direction from ``metrics``)."""
     rows = df[df["metric"].isin([f"{metric}/base", f"{metric}/final"])]
+    last = "final"
     if rows.empty:
-        have = sorted({m.rsplit("/", 1)[0] for m in df["metric"]})
-        raise KeyError(f"metric {metric!r} has no base/final values here; available: {', '.join(have)}")
+        rows, last = df[df["metric"] == metric].assign(stage="value"), "value"
+    if rows.empty:
+        have = sorted({m.rsplit("/", 1)[0] for m in df["metric"]} | set(df["metric"]))
+        raise KeyError(f"metric {metric!r} has no values here; available: {', '.join(have)}")
     keys = ["method", "group_size", *varying(rows)]
     t = rows.pivot_table(index=keys, columns=["bits", "stage"], values="value", aggfunc="first", dropna=False)
     t = t.dropna(how="all")
@@ -27,14 +31,14 @@ def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str
         sign = direction(metric) or -1
         own = t.index.get_level_values("method") == baseline
         for b in sorted(t.columns.get_level_values(0).unique()):
-            if (b, "final") not in t:
+            if (b, last) not in t:
                 continue
             # the baseline's final value per group size (its first variant if it has several)
-            ref = t[(b, "final")].xs(baseline, level="method").groupby(level="group_size").first()
+            ref = t[(b, last)].xs(baseline, level="method").groupby(level="group_size").first()
             base = t.index.get_level_values("group_size").map(ref)
-            t[(b, f"vs {baseline}")] = (sign * (t[(b, "final")] - base) > 0).where(base.notna() & ~own)
-    return t.reindex(columns=sorted(t.columns, key=lambda c: (c[0], ("base", "final").index(c[1])
-                                                               if c[1] in ("base", "final") else 2)))
+            t[(b, f"vs {baseline}")] = (sign * (t[(b, last)] - base) > 0).where(base.notna() & ~own)
+    order = ("base", "final", "value")
+    return t.reindex(columns=sorted(t.columns, key=lambda c: (c[0], order.index(c[1]) if c[1] in order else 3)))
 
 
 def varying(rows: pd.DataFrame) -> list[str]:
@@ -53,16 +57,18 @@ def varying(rows: pd.DataFrame) -> list[str]:
 def compare_markdown(t: pd.DataFrame, metric: str) -> str:
     """The grid as a Markdown table (``base → final`` per bit width)."""
     bits = sorted(t.columns.get_level_values(0).unique())
-    extra = {b: [c[1] for c in t.columns if c[0] == b and c[1] not in ("base", "final")] for b in bits}
+    staged = any(c[1] in ("base", "final") for c in t.columns)
+    extra = {b: [c[1] for c in t.columns if c[0] == b and c[1] not in ("base", "final", "value")] for b in bits}
     extra_keys = list(t.index.names[2:])
     head = ["method", "group", *extra_keys]
-    head += [h for b in bits for h in [f"W{b} base → final", *(f"W{b} {e}" for e in extra[b])]]
+    head += [h for b in bits for h in [f"W{b} base → final" if staged else f"W{b}", *(f"W{b} {e}" for e in extra[b])]]
     lines = [f"{metric} (lower is better)" if direction(metric) == -1 else metric, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, gs, *more), r in t.iterrows():
         cells = [method, "per-channel" if gs == -1 else str(gs), *map(str, more)]
         for b in bits:
-            cells.append(f"{fmt(r.get((b, 'base')))} → {fmt(r.get((b, 'final')))}")
+            value = f"{fmt(r.get((b, 'base')))} → {fmt(r.get((b, 'final')))}" if staged else fmt(r.get((b, "value")))
+            cells.append(value)
             cells += ["" if pd.isna(r.get((b, e))) else ("yes" if r.get((b, e)) else "no") for e in extra[b]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

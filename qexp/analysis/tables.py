@@ -58,7 +58,7 @@ def list_tables() -> pd.DataFrame:
 def fmt(v: float) -> str:
     if v is None or pd.isna(v):
         return "–"
-    return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
+    return f"{v:.3g}" if abs(v) >= 1000 or 0 < abs(v) < 0.01 else f"{v:.2f}"
 
 
 @dataclass

@@ -266,3 +266,15 @@ def test_perplexity_proxy_where_no_record_has_the_papers_metric(res):
     flipped = analysis.table(swap(ppl_only, "ppl/wikitext_sample/final", 3, "lota", "gptq"), "lota_t1")
     assert lota_beats_gptq(flipped) != lota_beats_gptq(t)
     assert "ppl " in t.markdown() and "**Proxy**" in t.markdown()
+
+
+def test_a_table_uses_only_its_own_experiments_when_present(res):
+    base = analysis.table(res.df, "lota_t1").values.set_index(["bits", "column", "method"])["ours"]
+    own = res.df.assign(sweep="lota_t1_embedded")
+    other = res.df.assign(sweep="lr_study", value=res.df["value"] * 3)  # e.g. an lr sweep of the same methods
+    t = analysis.table(pd.concat([own, other], ignore_index=True), "lota_t1")
+    got = t.values.set_index(["bits", "column", "method"])["ours"]
+    pd.testing.assert_series_equal(got, base)  # the other sweep's cells are not averaged in
+    assert any("lota_t1_embedded only" in n for n in t.notes)
+    mixed = analysis.table(pd.concat([res.df, other], ignore_index=True), "lota_t1")  # no own sweep: all cells
+    assert not mixed.values.set_index(["bits", "column", "method"])["ours"].equals(base)

@@ -223,6 +223,9 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         raise KeyError(f"paper_model={ref!r} is not in {sp['paper']} {sp['table']}; choose one of: "
                        f"{', '.join(sorted(set(csv['model'])))}")
     csv = csv[["model", "method", "dataset_or_task", "bits_n", "group_n", "value_f"]]
+    own = [n for n in sp.get("sweeps", []) if n in set(df["sweep"])]
+    if own:  # the table's own experiments only: other sweeps (lr studies, ...) never mix into its means
+        df = df[df["sweep"].isin(own)]
     where, keys = sp.get("where", {}), list(sp["rows"])
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
@@ -270,6 +273,8 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     values = pd.DataFrame(recs)
     order = ordering(values, sp, [*keys, "paper_model"])
     notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
+    if own:
+        notes.insert(1, f"Records of the sweep(s) {', '.join(own)} only.")
     return Table(name, sp, values.drop(columns=["sign", "sign_ours"]), order,
                  notes[:1] + sorted(fallbacks) + notes[1:])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from . import metrics as M
@@ -39,19 +40,24 @@ def _model(df: pd.DataFrame, model: str | None) -> pd.DataFrame:
 
 def plot_vs_bits(df: pd.DataFrame, metric: str | None = None, model: str | None = None,
                  stage: str = "final") -> Figure:
-    """``metric`` vs bits, one line per method (mean ± std over seeds); 16-bit methods and the fp
-    model as horizontal lines."""
+    """``metric`` vs bits, one line per method (mean ± std over its cells, e.g. seeds) at the most common
+    group size; 16-bit methods and the fp model as horizontal lines."""
     d = _model(df, model)
     name = _pick(d, metric, stage, QUALITY)
     k = M.scale(name)
+    quant = d[~d["method"].isin(registry()["sixteen_bit"]) & (d["metric"] == name)]
+    group = quant["group_size"].mode().iloc[0] if len(quant) else None
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
+    colors = iter(colormaps["tab20"].colors)
     for method, g in d[d["metric"] == name].groupby("method"):
         if method in registry()["sixteen_bit"]:
             ax.axhline(g["value"].mean() * k, ls="--", lw=1, color="gray", label=f"{method} (16-bit)")
             continue
-        s = g.groupby("bits")["value"].agg(["mean", "std"]).sort_index() * k
-        ax.errorbar(s.index.astype(int), s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3, label=method)
+        s = g[g["group_size"] == group].groupby("bits")["value"].agg(["mean", "std"]).sort_index() * k
+        if len(s):
+            ax.errorbar(s.index.astype(int), s["mean"], yerr=s["std"].fillna(0), marker="o", capsize=3,
+                        label=method, color=next(colors))
     m = M.parse(name)
     fp = d[d["metric"] == f"{m.kind}/{m.target}/fp"]["value"]
     if len(fp):
@@ -60,7 +66,8 @@ def plot_vs_bits(df: pd.DataFrame, metric: str | None = None, model: str | None 
         ax.set_yscale("log")
     ax.set_xticks(sorted(d["bits"].dropna().unique().astype(int)))
     ax.set(xlabel="bits", ylabel=f"{m.kind}/{m.target} ({M.UNITS.get(m.kind, '')})",
-           title=f"{name} vs bits, {d['model'].iloc[0]}")
+           title=f"{name} vs bits, {d['model'].iloc[0]}"
+                 + ("" if group is None else f", {'per-channel' if group == -1 else f'g{int(group)}'}"))
     ax.legend(fontsize=8)
     return fig
 

@@ -64,14 +64,13 @@ def _non_default(node: DictConfig, default: dict | None) -> dict:
     return out
 
 
-
 def cell_id(cfg: DictConfig) -> str:
     """Stable 10-hex-digit id of the config's non-default values minus the non-identity fields.
 
     Only values that differ from the schema defaults (``qexp.config`` and each method's
     dataclass) enter the hash, so adding a config field with a default keeps every id."""
     c = _non_default(cfg, None)
-    for k in NOT_IDENTITY:  # dotted: a nested key; a section left empty goes too
+    for k in NOT_IDENTITY:  # "section.key" (one level): that key only; a section left empty goes too
         *path, leaf = k.split(".")
         parent = c.get(path[0]) if path else c
         if isinstance(parent, dict):

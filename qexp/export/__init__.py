@@ -182,8 +182,7 @@ def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear],
             err[k].add(mx, sq, ref_sq)
         if merged is not None:
             stored[name] = signed_back(u, s_st.float(), z_int.float(), spec)
-        args = (spec.bits, spec.group_size, dt) if fmt == "gptq" else (spec.bits, sym, dt)
-        layer = PACKED[fmt].layer(name, u, m.scale, z_int, m.bias, *args)
+        layer = PACKED[fmt].layer(name, u, m.scale, z_int, m.bias, spec.bits, spec.group_size, sym, dt)
         linear_bytes += sum(t.numel() * t.element_size() for t in layer.values())
         tensors.update(layer)
     rounding = {k: v.summary() for k, v in err.items()}
@@ -195,8 +194,7 @@ def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear],
                           f"rounding would change the weights by max |ΔW| = {z['max_abs_dW']:.3g} (relative "
                           f"Frobenius {z['rel_fro_dW']:.3g}). Set export.zero_rounding=report to round and keep "
                           "the exact floats in qexp_exact/, or export fp16")
-    qc = gptq.quant_config(spec.bits, spec.group_size, sym) if fmt == "gptq" else \
-        compressed.quant_config(spec.bits, spec.group_size, sym, sorted({n.rsplit(".", 1)[-1] for n in mods}))
+    qc = PACKED[fmt].quant_config(spec.bits, spec.group_size, sym, sorted({n.rsplit(".", 1)[-1] for n in mods}))
     save(path, model, tok, tensors, dt, qc)
     if fmt == "gptq":
         (path / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")

@@ -17,6 +17,14 @@ class ExportError(ValueError):
     """An export that cannot be written as asked; the message says why and what to do."""
 
 
+def check_words(fmt: str, name: str, d_out: int, d_in: int, bits: int, hint: str = "") -> None:
+    """Both dims of a linear must fill whole int32 words at ``bits`` (every packed format packs one
+    dim of the codes and the other of the zero points)."""
+    for what, n in (("in_features", d_in), ("out_features", d_out)):
+        if (n * bits) % 32:
+            raise ExportError(f"{fmt}: {name}.{what}={n} times bits={bits} is not a multiple of 32{hint}")
+
+
 def unsigned(codes: Tensor, zero: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Codes in ``[0, 2^b-1]`` and the matching float zero: ``(c - z) = (u - z_u)`` exactly.
 

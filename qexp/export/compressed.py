@@ -14,21 +14,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import ExportError
+from .common import check_words
 from .pack import pack, unpack
 
 BITS = (4, 8)
 METHOD = "compressed-tensors"
 
 
-def layer(name: str, u: Tensor, scale: Tensor, z_int: Tensor, bias: Tensor | None, bits: int, sym: bool,
-          dtype: torch.dtype) -> dict[str, Tensor]:
+def layer(name: str, u: Tensor, scale: Tensor, z_int: Tensor, bias: Tensor | None, bits: int, group_size: int,
+          sym: bool, dtype: torch.dtype) -> dict[str, Tensor]:
     """The tensors of one linear from unsigned codes ``u``, ``scale`` and integer zeros (in
-    ``[0, 2^b-1]``; a symmetric layout drops them: every zero is ``2^(b-1)``)."""
+    ``[0, 2^b-1]``; a symmetric layout drops them: every zero is ``2^(b-1)``). The group size
+    is implied by ``scale``'s shape."""
     d_out, d_in = u.shape
-    for what, n in (("in_features", d_in), ("out_features", d_out)):
-        if (n * bits) % 32:
-            raise ExportError(f"compressed: {name}.{what}={n} times bits={bits} is not a multiple of 32")
+    check_words("compressed", name, d_out, d_in, bits)
     out = {f"{name}.weight_packed": pack(u, bits, dim=1), f"{name}.weight_scale": scale.to(dtype).contiguous(),
            f"{name}.weight_shape": torch.tensor([d_out, d_in], dtype=torch.int64)}
     if not sym:

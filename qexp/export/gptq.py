@@ -13,26 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import ExportError
+from .common import ExportError, check_words
 from .pack import pack, unpack
 
 BITS = (2, 3, 4, 8)
 METHOD = "gptq"
 
 
-def check_shape(name: str, d_out: int, d_in: int, bits: int) -> None:
-    for what, n in (("in_features", d_in), ("out_features", d_out)):
-        if (n * bits) % 32:
-            raise ExportError(f"gptq: {name}.{what}={n} times bits={bits} is not a multiple of 32; GPTQ packs "
-                              "whole int32 words (use export=compressed or fp16 for this model)")
-
-
 def layer(name: str, u: Tensor, scale: Tensor, z_int: Tensor, bias: Tensor | None, bits: int, group_size: int,
-          dtype: torch.dtype) -> dict[str, Tensor]:
+          sym: bool, dtype: torch.dtype) -> dict[str, Tensor]:
     """The GPTQ tensors of one linear from unsigned codes ``u [d_out, d_in]``, ``scale`` and
-    integer zeros ``z_int [d_out, n_groups]``."""
+    integer zeros ``z_int [d_out, n_groups]`` (``qzeros`` are written for symmetric grids too)."""
     d_out, d_in = u.shape
-    check_shape(name, d_out, d_in, bits)
+    check_words("gptq", name, d_out, d_in, bits,
+                "; GPTQ packs whole int32 words (use export=compressed or fp16 for this model)")
     g = d_in if group_size == -1 else group_size
     out = {
         f"{name}.qweight": pack(u.T, bits, dim=0),
@@ -66,8 +60,9 @@ def read(tensors: dict[str, Tensor], name: str, bits: int) -> tuple[Tensor, Tens
     return u.contiguous(), scales.T.contiguous(), z.contiguous(), tensors.pop(f"{name}.bias", None)
 
 
-def quant_config(bits: int, group_size: int, sym: bool) -> dict:
-    """``quantization_config`` as GPTQModel writes it for v2 (also ``quantize_config.json``)."""
+def quant_config(bits: int, group_size: int, sym: bool, targets: list[str]) -> dict:
+    """``quantization_config`` as GPTQModel writes it for v2 (also ``quantize_config.json``);
+    GPTQ quantizes every linear of the blocks, so ``targets`` is not recorded."""
     return {"quant_method": METHOD, "checkpoint_format": "gptq_v2", "bits": bits, "group_size": group_size,
             "sym": sym, "desc_act": False, "lm_head": False, "pack_dtype": "int32", "true_sequential": True,
             "meta": {"quantizer": ["qexp"]}}

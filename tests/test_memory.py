@@ -1,0 +1,36 @@
+"""Memory for 7B/8B on one GPU (issue 14): fp weights freed after attach, gradient checkpointing,
+GPTQ calibration states off the compute device, direct-dtype loading, streamed hub corpora."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+import qexp.adapt
+import qexp.run
+from qexp.run import run_cell
+
+
+@pytest.mark.parametrize("method", ["peqa", "lora", "lrqat", "lota", "qwha", "gptq"])
+def test_fp_target_weights_are_freed_after_attach(cfg_factory, monkeypatch, method):
+    """Once the method layers are in, no original target weight storage is alive (base eval runs after)."""
+    storages: list[weakref.ref] = []
+    alive_at_eval: list[int] = []
+    attach, perplexity = qexp.adapt.attach, qexp.run.perplexity
+
+    def watched_attach(model, method, targets, *args, **kwargs):
+        storages.extend(weakref.ref(m.weight.untyped_storage()) for m in targets.values())
+        return attach(model, method, targets, *args, **kwargs)
+
+    def watched_perplexity(*args, **kwargs):
+        gc.collect()
+        alive_at_eval.append(sum(r() is not None for r in storages))
+        return perplexity(*args, **kwargs)
+
+    monkeypatch.setattr(qexp.adapt, "attach", watched_attach)
+    monkeypatch.setattr(qexp.run, "perplexity", watched_perplexity)
+    rec = run_cell(cfg_factory(f"method={method}", "train.steps=1", "eval.max_windows=1"))
+    assert rec["status"] == "ok"
+    assert len(storages) == 14 and alive_at_eval[0] == 0

@@ -1,4 +1,4 @@
-"""QWHA: fast WHT exactness, AdaAlloc budget, refinement optimality, training forward, merge, a cell."""
+"""QWHA (the fast WHT: test_hadamard.py): AdaAlloc budget, refinement optimality, training forward, merge, a cell."""
 
 from __future__ import annotations
 
@@ -19,53 +19,10 @@ from qexp.methods.qwha import (
 )
 from qexp.models import targets as find_targets
 from qexp.quant import QuantLinear, QuantSpec, rtn
-from qexp.quant.hadamard import SMALL, factor, fwht, hadamard_small, ifwht
+from qexp.quant.hadamard import fwht, ifwht
 from tests.conftest import tiny_llama
 
 F64 = torch.float64
-
-
-def sylvester(a: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=F64)
-    while h.shape[0] < a:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-@pytest.mark.parametrize("m", SMALL)
-def test_small_blocks_are_hadamard(m):
-    h = hadamard_small(m, F64)
-    assert set(h.unique().tolist()) <= {-1.0, 1.0}
-    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=F64))
-
-
-def test_some_small_blocks_are_not_symmetric():
-    # why the inverse must use the transpose of the block
-    assert not torch.equal(hadamard_small(12), hadamard_small(12).T)
-    assert not torch.equal(hadamard_small(20), hadamard_small(20).T)
-
-
-@pytest.mark.parametrize(("n", "split"), [(64, (64, 1)), (48, (4, 12)), (576, (16, 36)), (1536, (128, 12))])
-def test_fast_wht_equals_dense_kronecker_and_inverts(n, split):
-    assert factor(n) == split
-    a, m = split
-    dense = torch.kron(sylvester(a), hadamard_small(m, F64))  # built here, independently of the transform
-    torch.manual_seed(n)
-    x = torch.randn(3, 5, n, dtype=F64)
-    y = fwht(x)
-    torch.testing.assert_close(y, x @ dense.T, rtol=0, atol=1e-10)
-    torch.testing.assert_close(ifwht(y), x, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ifwht(x), x @ dense / n, rtol=0, atol=1e-12)
-    if m in (12, 20):  # the inverse is not the (scaled) forward when the block is not symmetric
-        assert (ifwht(x) - fwht(x) / n).abs().max() > 1e-3
-
-
-def test_wht_more_sizes_and_unsupported():
-    for n in (14336, 4096, 40, 2 * 52, 4 * 140):
-        x = torch.randn(2, n, dtype=F64)
-        torch.testing.assert_close(ifwht(fwht(x)), x, rtol=0, atol=1e-11)
-    with pytest.raises(ValueError, match=r"n=312 is not supported.*m in"):
-        fwht(torch.randn(2, 312))  # 312 = 2·156: no Paley construction for 156
 
 
 def test_adaalloc_budget_cap_and_proportionality():

@@ -1,111 +1,80 @@
-"""Fast Walsh–Hadamard transform along the last dimension, for ``n = 2^k · m``.
+"""Fast Walsh–Hadamard transform along the last dimension, for ``n = K · 2^k``, in QWHA's layout.
 
-``H_n = H_{2^k} ⊗ H_m``: a Sylvester matrix (natural order) times a small Hadamard block built
-here by Paley's constructions (Paley I: ``m = q + 1``, ``q ≡ 3 mod 4``; Paley II:
-``m = 2(q + 1)``, ``q ≡ 1 mod 4``; ``q`` a prime or a prime square). Nothing of size ``n × n`` is
-ever formed: the ``2^k`` part is applied as ``H_{f1} ⊗ H_{f2} ⊗ …`` with factors of at most 64
-(one dense matmul each, ``O(n·Σf)``; two passes for ``n = 4096`` where a radix-2 butterfly makes 12
-strided ones), the ``m`` part a matmul with the ``m × m`` block (``O(n·m)``).
+``H_n = H_K ⊗ H_{2^k}``: a known ``K × K`` Hadamard block (``K = 1`` for powers of two) times a
+Sylvester matrix in natural order. This is the matrix of the official QWHA code (``vantaa89/qwha``,
+``qhft/hadamard.py``, adapted from QuaRot): its ``wht`` views the input as ``[K, n/K]``, applies
+``fast_hadamard_transform`` (Sylvester, ``scipy.linalg.hadamard``) along ``n/K``, then ``had_K``
+along ``K``; ``wht(x) = x Hᵀ`` and ``iwht(y) = y H / n``, as here. The blocks are that code's tables
+(from Sloane's library), kept as ``+``/``-`` rows in ``hadamard_blocks.csv`` with their sources.
+K is the first of :data:`BLOCKS` (the official order) that divides ``n``; ``n/K`` must be a power
+of two. One block the official code lacks: K = 148 (Sloane's had.148.will, tabled by PM-KVQ), for
+Qwen2.5-7B's 18944 = 148·128, which the official code refuses. 44, for instance, is in neither.
+
+Nothing of size ``n × n`` is ever formed: the ``2^k`` part is applied as ``H_{f1} ⊗ H_{f2} ⊗ …``
+with factors of at most 64 (one dense matmul each, ``O(n·Σf)``; two passes for ``n = 4096`` where a
+radix-2 butterfly makes 12 strided ones), the ``K`` part a matmul with the ``K × K`` block (``O(n·K)``).
 
 Conventions (row vectors, the layout of ``[d_out, d_in]`` weights):
   * :func:`fwht` ``(x) = x Hᵀ`` (coefficients ``y_k = <x, H_k>``, unnormalized);
-  * :func:`ifwht` ``(y) = y H / n``, its exact inverse (``H Hᵀ = n I``). The small blocks of size
-    12 and 20 are not symmetric, so the inverse uses the transpose of the block, not the block.
+  * :func:`ifwht` ``(y) = y H / n``, its exact inverse (``H Hᵀ = n I``). Most blocks are not
+    symmetric, so the inverse uses the transpose of the block, not the block.
 """
 
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-# Small blocks this module can build (n = 2^k · m). 40 = 2·20 comes for free; QWHA's 156 and 172
-# have no Paley construction (they need Williamson-type matrices) and are refused.
-SMALL = (1, 12, 20, 28, 36, 52, 60, 108, 140)
-
-
-def _prime_power(q: int) -> tuple[int, int] | None:
-    """``(p, e)`` with ``q = p^e`` for an odd prime ``p`` and ``e ∈ {1, 2}``, else None."""
-    for e in (1, 2):
-        p = round(q ** (1 / e))
-        if p**e == q and p > 2 and all(p % d for d in range(2, int(p**0.5) + 1)):
-            return p, e
-    return None
-
-
-def _quadratic_character(q: int) -> list[list[int]]:
-    """Jacobsthal matrix ``Q_ab = χ(a - b)`` over GF(q) (q = p or p²)."""
-    p, e = _prime_power(q)  # type: ignore[misc]
-    if e == 1:
-        elems = [(a, 0) for a in range(p)]
-        ns = 0
-    else:  # GF(p²) = GF(p)[α]/(α² - ns) with ns a quadratic non-residue mod p
-        ns = next(a for a in range(2, p) if pow(a, (p - 1) // 2, p) == p - 1)
-        elems = [(a, b) for a in range(p) for b in range(p)]
-
-    def mul(x: tuple[int, int], y: tuple[int, int]) -> tuple[int, int]:
-        return ((x[0] * y[0] + ns * x[1] * y[1]) % p, (x[0] * y[1] + x[1] * y[0]) % p)
-
-    squares = {mul(x, x) for x in elems if x != (0, 0)}
-
-    def chi(x: tuple[int, int]) -> int:
-        return 0 if x == (0, 0) else (1 if x in squares else -1)
-
-    return [[chi(((a[0] - b[0]) % p, (a[1] - b[1]) % p)) for b in elems] for a in elems]
+# Block orders, in the official code's order of precedence (172 first; 40 before 20, so that
+# 20·2^k with k ≥ 1 uses had_40). 148 is the one addition; its odd part 37 is no other block's.
+BLOCKS = (172, 156, 148, 140, 108, 60, 52, 36, 28, 40, 20, 12)
+NOT_OFFICIAL = (148,)
+_DATA = Path(__file__).with_name("hadamard_blocks.csv")
 
 
 @cache
-def _small_list(m: int) -> tuple[tuple[int, ...], ...]:
+def _rows() -> dict[int, tuple[str, ...]]:
+    """``K -> rows`` of ``hadamard_blocks.csv`` (``'+'``/``'-'`` strings)."""
+    rows: dict[int, list[str]] = {}
+    for line in _DATA.read_text().splitlines():
+        if line and not line.startswith("#"):
+            k, row = line.split(",")
+            rows.setdefault(int(k), []).append(row)
+    return {k: tuple(r) for k, r in rows.items()}
+
+
+@cache
+def _block(m: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
     if m == 1:
-        return ((1,),)
-    if _prime_power(m - 1) and (m - 1) % 4 == 3:  # Paley I: H = I + [[0, 1ᵀ], [-1, Q]]
-        q = m - 1
-        jac = _quadratic_character(q)
-        s = [[0] + [1] * q] + [[-1, *row] for row in jac]
-        return tuple(tuple(s[i][j] + (i == j) for j in range(m)) for i in range(m))
-    if m % 2 == 0 and _prime_power(m // 2 - 1) and (m // 2 - 1) % 4 == 1:  # Paley II
-        q = m // 2 - 1
-        jac = _quadratic_character(q)
-        s = [[0] + [1] * q] + [[1, *row] for row in jac]
-        zero_block, one_block = ((1, -1), (-1, -1)), ((1, 1), (1, -1))
-        rows = []
-        for i in range(q + 1):
-            for a in range(2):
-                row: list[int] = []
-                for j in range(q + 1):
-                    blk = zero_block if s[i][j] == 0 else one_block
-                    row += [s[i][j] * v if s[i][j] else v for v in blk[a]]
-                rows.append(tuple(row))
-        return tuple(rows)
-    raise ValueError(f"no Paley construction for a Hadamard block of size {m}; supported: {SMALL}")
+        return torch.ones(1, 1, dtype=dtype, device=device)
+    if m not in BLOCKS:
+        raise ValueError(f"Hadamard block size {m} is not supported; supported: {sorted(BLOCKS)}")
+    return torch.tensor([[1.0 if c == "+" else -1.0 for c in r] for r in _rows()[m]], dtype=dtype, device=device)
 
 
 def hadamard_small(m: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """The ``m × m`` ±1 block ``H_m`` with ``H_m H_mᵀ = m I`` (m in :data:`SMALL`)."""
-    if m not in SMALL:
-        raise ValueError(f"Hadamard block size {m} is not supported; supported: {SMALL}")
-    return torch.tensor(_small_list(m), dtype=dtype, device=device)
+    """The ``m × m`` ±1 block ``H_m`` with ``H_m H_mᵀ = m I`` (m = 1 or in :data:`BLOCKS`)."""
+    return _block(m, dtype, None if device is None else torch.device(device)).clone()
 
 
 def factor(n: int) -> tuple[int, int]:
-    """``(2^k, m)`` with ``n = 2^k · m`` and ``m`` the smallest supported block; raises otherwise."""
-    for m in SMALL:
-        a = n // m
-        if n % m == 0 and a > 0 and a & (a - 1) == 0:
-            return a, m
-    raise ValueError(f"Walsh–Hadamard size n={n} is not supported: need n = 2^k · m with m in {SMALL} "
-                     "(156 and 172 have no Paley construction here)")
+    """``(2^k, K)`` with ``n = K · 2^k``: K the first of :data:`BLOCKS` dividing n (else 1); raises if
+    ``n/K`` is not a power of two."""
+    m = next((b for b in BLOCKS if n % b == 0), 1)
+    a = n // m
+    if a <= 0 or a & (a - 1):
+        raise ValueError(f"Walsh–Hadamard size n={n} is not supported: need n = K·2^k with K = 1 or a known "
+                         f"Hadamard block, K in {sorted(BLOCKS)} (the official QWHA/QuaRot tables, plus 148)")
+    return a, m
 
 
 def hadamard_dense(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The dense ``H_{2^k} ⊗ H_m`` (tests and small checks only; the transforms never build it)."""
+    """The dense ``H_K ⊗ H_{2^k}`` (tests and small checks only; the transforms never build it)."""
     a, m = factor(n)
-    h = torch.ones(1, 1, dtype=dtype)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=dtype)
-    while h.shape[0] < a:
-        h = torch.kron(h2, h)
-    return torch.kron(h, hadamard_small(m, dtype))
+    return torch.kron(hadamard_small(m, dtype), _sylvester(a, dtype, torch.device("cpu")))
 
 
 BLOCK = 64  # the largest Sylvester factor applied as one matmul
@@ -128,24 +97,25 @@ def _sylvester(f: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 @torch.no_grad()
 def _transform(x: Tensor, transpose: bool, scale: float) -> Tensor:
-    """``scale · x Hᵀ`` (``transpose``) or ``scale · x H`` along the last dim."""
+    """``scale · x Hᵀ`` (``transpose``) or ``scale · x H`` along the last dim, ``H = H_K ⊗ H_{2^k}``."""
     n = x.shape[-1]
     a, m = factor(n)
-    y = x.reshape(-1, a, m)
-    if m > 1:  # the small block (and the scale) as one matmul: rows times H_mᵀ or H_m
-        hm = hadamard_small(m, x.dtype, x.device)
-        y = y @ ((hm.T if transpose else hm) * scale)
-    elif scale != 1.0:
-        y = y * scale
-    # The 2^k axis: H_{2^k} = H_{f1} ⊗ H_{f2} ⊗ … (Sylvester, natural order, symmetric), one matmul
-    # with each small ±1 factor along its own axis. The same sums as a radix-2 butterfly, in two
-    # or three dense passes instead of k strided ones (k = 12 for 4096: ~2.3x faster on one CPU core).
+    # The 2^k axis (the fast one, index i mod 2^k): H_{2^k} = H_{f1} ⊗ H_{f2} ⊗ … (Sylvester, natural
+    # order, symmetric), one matmul with each small ±1 factor along its own axis. The same sums as a
+    # radix-2 butterfly, in two or three dense passes instead of k strided ones (~2.3x faster at 4096).
+    y = x.reshape(-1, a)
     done = 1
     for f in _sylvester_factors(a):
         h = _sylvester(f, y.dtype, y.device)
-        rest = (a // (done * f)) * m
+        rest = a // (done * f)
         y = y.reshape(-1, f) @ h if rest == 1 else torch.matmul(h, y.reshape(-1, f, rest))
         done *= f
+    # The K axis (index i // 2^k), with the scale: y_K ← H_K y_K (x Hᵀ) or H_Kᵀ y_K (x H).
+    if m > 1:
+        hm = _block(m, y.dtype, y.device)
+        y = torch.matmul((hm if transpose else hm.T) * scale, y.reshape(-1, m, a))
+    elif scale != 1.0:
+        y = y * scale
     y = y.reshape(x.shape)
     return y.clone() if y.data_ptr() == x.data_ptr() else y
 

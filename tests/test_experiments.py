@@ -26,12 +26,12 @@ def test_experiment_composes_and_validates(name):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"+experiment={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert set(params.method.split(",")) <= set(registry())
     assert {int(b) for b in str(params.bits).split(",")} <= set(BITS)
     assert cfg.name == name
-    for method in params.method.split(","):
+    for method in params.method.split(","):  # a method, or an experiment's variant of one (<name>/<method>)
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cell = compose(config_name="config", overrides=[f"+experiment={name}", f"method={method}"])
+        assert cell.method.name in registry() and method.split("/")[-1] == cell.method.name
         validate(cell)
     if name.endswith("_embedded"):
         assert cfg.model.name == "smollm2_135m" and cfg.data.name == "embedded"

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 BITS = (2, 3, 4, 8)
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,6 +91,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     log_every: int = 5
     checkpoint_every: int = 10  # optimizer steps between resumable checkpoints (0 = never)
+    gradient_checkpointing: bool = False  # recompute each decoder block in backward (less activation memory)
 
 
 @dataclass
@@ -173,6 +175,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"group_size={cfg.group_size} is not valid; use a positive divisor of "
                           "every target layer's input size, or -1 for per-channel")
     _choice("model.source", cfg.model.source, ("embedded", "hub", "random"))
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("method.name", cfg.method.get("name"), sorted(registry()))
     _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
     _choice("quant.range", cfg.quant.range, ("minmax", "lp"))

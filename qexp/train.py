@@ -54,13 +54,13 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=f"train {method.name}", initial=start, total=cfg.steps,
                disable=not acc.is_local_main_process)
-    with _stop_signals() as stop:
+    with _stop_signals() as stop, _activation_checkpointing(acc.unwrap_model(model), cfg.gradient_checkpointing):
         for step in bar:
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(acc.device) for k, v in next(data).items()}
                 with acc.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss  # no KV cache: it would hold every layer's K/V
                     if not math.isfinite(loss.item()):
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     acc.backward(loss)
@@ -105,6 +105,31 @@ def _restore(path: Path | None, model: nn.Module, opt, sched) -> tuple[int, list
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"], list(state["losses"])
+
+
+@contextmanager
+def _activation_checkpointing(model: nn.Module, on: bool):
+    """HF activation checkpointing of every decoder block, on only inside this block (training).
+
+    Non-reentrant, so it works although the frozen base's inputs never require grad, and it nests
+    with a method layer's own checkpoint (LR-QAT ``checkpoint: true``)."""
+    if not on:
+        yield
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        yield
+    finally:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        if hasattr(model, "_require_grads_hook"):  # transformers 5 adds it on enable and leaves it on disable
+            model.disable_input_require_grads()
 
 
 @contextmanager

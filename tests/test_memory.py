@@ -34,3 +34,33 @@ def test_fp_target_weights_are_freed_after_attach(cfg_factory, monkeypatch, meth
     rec = run_cell(cfg_factory(f"method={method}", "train.steps=1", "eval.max_windows=1"))
     assert rec["status"] == "ok"
     assert len(storages) == 14 and alive_at_eval[0] == 0
+
+
+@pytest.mark.parametrize("method", ["peqa", "qlora", "lrqat", "lota", "qwha"])
+def test_gradient_checkpointing_gives_the_same_losses(cfg_factory, monkeypatch, method):
+    """fp32: recomputing each decoder block in backward changes no loss (LR-QAT also checkpoints its layers)."""
+    import transformers.modeling_utils
+
+    calls, states = [], []
+    checkpoint, train = transformers.modeling_utils.checkpoint, qexp.run.train
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    def train_and_look(model, *args, **kwargs):
+        out = train(model, *args, **kwargs)
+        flags = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        states.append((any(flags), hasattr(model, "_require_grads_hook")))
+        return out
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(qexp.run, "train", train_and_look)
+    losses = {}
+    for on in (False, True):
+        rec = run_cell(cfg_factory(f"method={method}", f"train.gradient_checkpointing={on}", "train.steps=2",
+                                   "eval.base=false", "eval.max_windows=1", f"name=gc{on}"))
+        losses[on] = rec["train"]["losses"]
+        assert bool(calls) == on  # HF's checkpoint ran (only) when on
+    assert losses[True] == losses[False]  # bit for bit
+    assert states == [(False, False), (False, False)]  # off again after training

@@ -7,6 +7,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 import qexp.adapt
 import qexp.run
@@ -64,3 +65,32 @@ def test_gradient_checkpointing_gives_the_same_losses(cfg_factory, monkeypatch, 
         assert bool(calls) == on  # HF's checkpoint ran (only) when on
     assert losses[True] == losses[False]  # bit for bit
     assert states == [(False, False), (False, False)]  # off again after training
+
+
+def test_gptq_updates_the_calibration_states_in_place(monkeypatch):
+    """Block-sequential GPTQ holds one set of block inputs (+ one batch), never a second list."""
+    from qexp.config import QuantConfig
+    from qexp.models import targets as find_targets
+    from qexp.quant import QuantSpec
+    from qexp.quant import gptq as g
+
+    from .conftest import tiny_llama
+
+    monkeypatch.setattr(g, "CALIB_BATCH", 2)
+    model = tiny_llama(layers=3)
+    hidden, seqlen, n = model.config.hidden_size, 16, 12
+    live: list[int] = []
+
+    def count_states(mod, args, out) -> None:
+        gc.collect()
+        live.append(sum(1 for o in gc.get_objects()
+                        if isinstance(o, torch.Tensor) and o.dim() == 3 and o.shape[1:] == (seqlen, hidden)))
+
+    for block in model.model.layers:
+        block.register_forward_hook(count_states)
+    ids = torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    targets = find_targets(model, ["q_proj", "down_proj"])
+    res = g.gptq_results(QuantConfig(init="gptq"), QuantSpec(3, 32), model, targets, ids, device="cpu")
+    assert len(res) == 6
+    assert max(live) == n // 2 + 1  # every batch's input, and the output that is about to replace one
+

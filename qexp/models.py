@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -25,12 +26,17 @@ def cache_root(cache_dir: str) -> Path:
     return Path(os.path.expanduser(os.environ.get("QEXP_CACHE", cache_dir)))
 
 
-def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp") -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Model (eval mode, all parameters frozen) and tokenizer for ``cfg``."""
+def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp",
+         device: torch.device | str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Model (eval mode, all parameters frozen, on ``device`` if given) and tokenizer for ``cfg``.
+
+    Checkpoints load straight in ``cfg.dtype`` with low CPU memory, and onto a GPU ``device``
+    directly (``device_map``) when this is the only process."""
     dtype = getattr(torch, cfg.dtype)
+    placement = _placement(device)
     if cfg.source == "embedded":
         path = _embedded_dir(cfg, cache_root(cache_dir))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement)
         tok = AutoTokenizer.from_pretrained(path)
     elif cfg.source == "hub":
         if not cfg.path:
@@ -38,7 +44,7 @@ def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp") -> tuple[nn.Module,
         if cfg.path.startswith((".", "/", "~")) and not Path(cfg.path).expanduser().exists():
             raise ConfigError(f"model.path={cfg.path!r} does not exist (a local directory, or a hub id like "
                               "'meta-llama/Llama-2-7b-hf')")
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **placement)
         tok = AutoTokenizer.from_pretrained(cfg.path)
     else:  # random
         base = EMBEDDED if cfg.tokenizer in (None, EMBEDDED.name) else None
@@ -48,8 +54,18 @@ def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp") -> tuple[nn.Module,
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **cfg.random)).to(dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if device is not None and model.device != torch.device(device):  # not where device_map put it
+        model.to(device)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def _placement(device: torch.device | str | None) -> dict:
+    """``from_pretrained`` arguments: low CPU memory, and a GPU ``device`` as the device map in a
+    single process (several processes load on the CPU; accelerate places them)."""
+    if device is None or torch.device(device).type == "cpu" or PartialState().num_processes > 1:
+        return {"low_cpu_mem_usage": True}
+    return {"low_cpu_mem_usage": True, "device_map": {"": torch.device(device)}}
 
 
 def _embedded_dir(cfg: ModelConfig, cache: Path) -> Path:

@@ -50,8 +50,7 @@ def run_cell(cfg: DictConfig) -> dict:
         with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
-                model, tok = models.load(cfg.model, cfg.cache_dir)
-                model.to(PartialState().device)  # the GPU when there is one (accelerate's choice)
+                model, tok = models.load(cfg.model, cfg.cache_dir, PartialState().device)  # the GPU if any (accelerate)
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
                 evalsets = {k: data.eval_tokens(src, tok, cfg.eval.seqlen, cfg.eval.max_windows)

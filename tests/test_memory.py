@@ -94,3 +94,28 @@ def test_gptq_updates_the_calibration_states_in_place(monkeypatch):
     assert len(res) == 6
     assert max(live) == n // 2 + 1  # every batch's input, and the output that is about to replace one
 
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_local_checkpoint_loads_straight_in_its_dtype(tmp_path, dtype):
+    """source=hub on a saved fp32 tiny_random: every tensor arrives in model.dtype, on the asked device."""
+    from qexp import models
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg().model
+    model, tok = models.load(cfg)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    hub = models.ModelConfig(name="local", source="hub", path=str(tmp_path), dtype=dtype)
+    loaded, _ = models.load(hub, device="cpu")
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {getattr(torch, dtype)}
+    assert loaded.device == torch.device("cpu") and not any(p.requires_grad for p in loaded.parameters())
+    want = model.state_dict()
+    assert all(torch.equal(t, want[k].to(t.dtype)) for k, t in loaded.state_dict().items())
+
+
+def test_a_gpu_device_is_the_device_map_in_one_process():
+    from qexp.models import _placement
+
+    assert _placement("cuda:0") == {"low_cpu_mem_usage": True, "device_map": {"": torch.device("cuda:0")}}
+    assert _placement("cpu") == _placement(None) == {"low_cpu_mem_usage": True}

@@ -30,7 +30,10 @@ def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quan
 @torch.no_grad()
 def merge(model: nn.Module, probe: Tensor) -> dict:
     """Replace every method layer by its ``merge()``; report whether the result is integer and
-    how far the merged logits are from the training forward's on ``probe`` token ids."""
+    how far the merged logits are from the training forward's on ``probe`` token ids.
+
+    Both forwards run in the model's dtype and their logits are compared as they are (bf16 logits
+    as bf16): ``lossless`` claims equality in that dtype, nothing finer or coarser."""
     before = model(input_ids=probe).logits
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MethodLayer)]
     for name, layer in layers:
@@ -43,8 +46,9 @@ def merge(model: nn.Module, probe: Tensor) -> dict:
     labels = sorted({getattr(type(m), "DEPLOYED", "") for _, m in layers} - {""})
     return {
         "on_grid": on_grid,  # every adapted layer ships as integer codes + scale + zero
-        "lossless": on_grid and diff == 0.0,  # merged logits == training-forward logits, bit for bit
+        "lossless": on_grid and torch.equal(before, after),  # merged == training-forward logits, bit for bit
         "max_abs_logit_diff": diff,
+        "logits_dtype": str(before.dtype).removeprefix("torch."),  # the dtype both were compared in
         "merged_layers": len(layers),
         "quant_layers": len(quant),
         "float_zero_points": any(not m.qweight.integer_zero for m in quant),

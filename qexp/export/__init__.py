@@ -215,7 +215,7 @@ def _write_dense(fmt: str, model: nn.Module, tok, mods: dict[str, nn.Module], pa
                  zero_rounding: str, merged: Tensor | None) -> dict:
     tensors, dense = float_state(model, set(mods), dt), {}
     for name, m in mods.items():
-        w, b = _dense(name, m)
+        w, b = _dense(name, m, _dtype(model))
         dense[name] = (w.to(dt), None if b is None else b.to(dt))
         tensors[f"{name}.weight"] = dense[name][0].contiguous()
         if b is not None:
@@ -232,8 +232,9 @@ def _write_dense(fmt: str, model: nn.Module, tok, mods: dict[str, nn.Module], pa
 
 
 @torch.no_grad()
-def _dense(name: str, m: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The dense weight and bias of a target after merge (any affine module, probed with ``I``)."""
+def _dense(name: str, m: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The dense weight and bias of a target after merge (any affine module, probed with ``I`` in
+    the model's ``dtype``: what the module computes on the model's activations)."""
     if isinstance(m, QuantLinear):
         return m.weight_fp(), m.bias
     if isinstance(m, nn.Linear):
@@ -241,9 +242,9 @@ def _dense(name: str, m: nn.Module) -> tuple[Tensor, Tensor | None]:
     d_in = getattr(m, "in_features", None)
     if d_in is None:
         raise ExportError(f"{name}: {type(m).__name__} has no in_features; cannot compute its dense weight")
-    p = next(iter([*m.parameters(), *m.buffers()]))
-    zero = m(torch.zeros(1, d_in, dtype=p.dtype, device=p.device))[0]
-    w = (m(torch.eye(d_in, dtype=p.dtype, device=p.device)) - zero).T
+    dev = next(iter([*m.parameters(), *m.buffers()])).device
+    zero = m(torch.zeros(1, d_in, dtype=dtype, device=dev))[0]
+    w = (m(torch.eye(d_in, dtype=dtype, device=dev)) - zero).T
     return w, zero if getattr(m, "bias", None) is not None else None
 
 

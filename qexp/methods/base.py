@@ -17,6 +17,20 @@ from torch import Tensor, nn
 from ..quant import QuantSpec, QuantWeight
 
 
+def param_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype trainable float tensors (adapters, QAT's weight) are stored in for a model in
+    ``model_dtype``: the model's own in fp32 and bf16 (LR-QAT's ``--use-bf16-ab``, QLoRA's bf16
+    adapters), fp32 under fp16 (QLoRA's code too: fp16 cannot hold AdamW's state, eps=1e-8 and
+    squared gradients below 6e-8 flush to zero, so the first step divides 0 by 0). Quantizer
+    scales, zero points and offsets are fp32 in every case; forwards cast to the activation dtype."""
+    return torch.float32 if model_dtype == torch.float16 else model_dtype
+
+
+def scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of learned quantizer scales and offsets: fp32 (float64 for a float64 layer)."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
 @dataclass
 class MethodConfig:
     """Hyper-parameters common to every method; each method subclasses this."""

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from ..quant import QuantLinear, QuantWeight
 from . import register
-from .base import Method, MethodConfig, MethodLayer
+from .base import Method, MethodConfig, MethodLayer, param_dtype
+from .lora import lora_update
 from .qwha import collect_hessians
 
 
@@ -35,9 +36,9 @@ class CLoQConfig(MethodConfig):
 
 def lora_forward(base: QuantLinear, a: Tensor, b: Tensor, scaling: float, x: Tensor, dropout: float,
                  training: bool) -> Tensor:
-    """``x W_Qᵀ + bias + (α/r)·drop(x) Aᵀ Bᵀ``: shared by training and the deployed module."""
-    y = F.linear(x, base.weight_fp().to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
-    return y + scaling * F.linear(F.linear(F.dropout(x, dropout, training), a), b)
+    """``x W_Qᵀ + bias + (α/r)·drop(x) Aᵀ Bᵀ`` in the activation dtype: shared by training and the
+    deployed module."""
+    return base(x) + lora_update(F.dropout(x, dropout, training), a, b, scaling)
 
 
 class CLoQDeployed(nn.Module):
@@ -120,6 +121,6 @@ class CLoQ(Method):
         b, a = cloq_factors(delta_q, self.hessians.pop(name).to(delta_q.device), self.cfg.rank, self.cfg.damp)
         scaling = self.cfg.alpha / self.cfg.rank
         k = math.sqrt(1.0 / scaling)  # (α/r)·(kB)(kA) = BA
-        dtype = linear.weight.dtype
+        dtype = param_dtype(linear.weight.dtype)
         self.stats["init_s"] += time.perf_counter() - t0
         return CLoQLinear(qw, linear.bias, (k * a).to(dtype), (k * b).to(dtype), scaling, self.cfg.dropout)

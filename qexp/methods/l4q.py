@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..quant import QuantLinear, QuantSpec, QuantWeight, grouped, minmax_range
+from ..quant import QuantLinear, QuantSpec, QuantWeight, act_linear, grouped, minmax_range
 from ..quant.lsq import lsq_codes, lsq_grad_scale, lsq_weight, offset_zero
 from . import register
-from .base import Method, MethodConfig, MethodLayer
+from .base import Method, MethodConfig, MethodLayer, scale_dtype
 from .lora import lora_factors
 
 
@@ -37,8 +36,11 @@ class L4QConfig(MethodConfig):
 
 
 def combined_weight(w0: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """``W₀ + α·B A`` (one fused ``addmm``): the same expression in forward, backward and merge."""
-    return torch.addmm(w0, b, a, alpha=alpha)
+    """``W₀ + α·B A`` (one fused ``addmm``) in fp32, the quantizer's dtype, whatever the model dtype
+    (so bf16 rounding of the sum never hides the update): the same expression in forward, backward
+    and merge."""
+    dt = scale_dtype(a.dtype)
+    return torch.addmm(w0.to(dt), b.to(dt), a.to(dt), alpha=alpha)
 
 
 def _group_sum(t: Tensor, group_size: int) -> Tensor:
@@ -55,7 +57,7 @@ class L4QFunction(torch.autograd.Function):
         w_q = lsq_weight(codes, s, beta, spec.group_size)
         ctx.save_for_backward(x, w0, a, b, s, beta)
         ctx.alpha, ctx.spec, ctx.gscale = alpha, spec, gscale
-        return F.linear(x, w_q.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return act_linear(x, w_q, bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -68,7 +70,7 @@ class L4QFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad[2:6]):
             # Full-size temporaries are reused in place once their last reader is done (same bits as
             # fresh products): G, then M⊙G in G's storage, G⊙w̃ in w̃'s, (M⊙G)⊙w in w's.
-            g = gy.reshape(-1, gy.shape[-1]).T.to(w0.dtype) @ x.reshape(-1, x.shape[-1]).to(w0.dtype)  # G, transient
+            g = gy.reshape(-1, gy.shape[-1]).T.to(a.dtype) @ x.reshape(-1, x.shape[-1]).to(a.dtype)  # G, transient
             gsum = partial(_group_sum, group_size=spec.group_size)
             sum_g = gsum(g) if ctx.needs_input_grad[5] else None
             g_codes = gsum(codes.mul_(g)) if ctx.needs_input_grad[4] else None
@@ -88,7 +90,8 @@ class L4QFunction(torch.autograd.Function):
 
 
 class L4QLinear(MethodLayer):
-    """A target linear under L4Q: frozen ``W₀``, trainable ``lora_A, lora_B, scale, offset``."""
+    """A target linear under L4Q: frozen ``W₀`` (model dtype), trainable ``lora_A, lora_B`` (in
+    :func:`param_dtype` of it) and fp32 ``scale, offset``; ``(W − β)/s`` and the weight in fp32."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec, rank: int, alpha: float,
                  use_grad_scale: bool) -> None:
@@ -98,8 +101,8 @@ class L4QLinear(MethodLayer):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.lora_A, self.lora_B = lora_factors(weight.shape[1], weight.shape[0], rank, weight)
         scale, zero = minmax_range(weight.detach(), spec)  # L4Q_init: symmetric, nothing clips
-        self.scale = nn.Parameter(scale.to(weight.dtype))
-        self.offset = nn.Parameter(zero.to(weight.dtype))  # β = 0
+        self.scale = nn.Parameter(scale.to(scale_dtype(weight.dtype)))
+        self.offset = nn.Parameter(zero.to(scale_dtype(weight.dtype)))  # β = 0
         self.gscale = lsq_grad_scale(spec, weight.shape[1]) if use_grad_scale else 1.0
 
     def forward(self, x: Tensor) -> Tensor:

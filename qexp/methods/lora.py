@@ -6,19 +6,25 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantWeight, fp_linear
+from ..quant import QuantWeight, act_linear, fp_linear
 from . import register
-from .base import Method, MethodConfig, MethodLayer
+from .base import Method, MethodConfig, MethodLayer, param_dtype
 
 
 def lora_factors(d_in: int, d_out: int, rank: int, like: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
-    """PEFT init: ``A [r, d_in]`` Kaiming-uniform (a=sqrt 5), ``B [d_out, r]`` zero, so BA = 0."""
-    a = torch.empty(rank, d_in, dtype=like.dtype, device=like.device)
+    """PEFT init: ``A [r, d_in]`` Kaiming-uniform (a=sqrt 5), ``B [d_out, r]`` zero, so BA = 0;
+    on ``like``'s device in the training dtype of a model in ``like``'s dtype (:func:`param_dtype`)."""
+    dtype = param_dtype(like.dtype)
+    a = torch.empty(rank, d_in, dtype=dtype, device=like.device)
     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, rank, dtype=like.dtype, device=like.device))
+    return nn.Parameter(a), nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=like.device))
+
+
+def lora_update(x: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``(α/r)·x Aᵀ Bᵀ`` in the activation dtype (the factors cast to it)."""
+    return scaling * act_linear(act_linear(x, a), b)
 
 
 @dataclass
@@ -28,7 +34,7 @@ class LoRAConfig(MethodConfig):
 
 
 class LoRALinear(MethodLayer):
-    """``y = x Wᵀ + (α/r) x Aᵀ Bᵀ`` on a frozen float weight ``W``."""
+    """``y = x Wᵀ + (α/r) x Aᵀ Bᵀ`` on a frozen float weight ``W`` (in the model dtype)."""
 
     ON_GRID = False
 
@@ -43,12 +49,11 @@ class LoRALinear(MethodLayer):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return act_linear(x, self.weight, self.bias) + lora_update(x, self.lora_A, self.lora_B, self.scaling)
 
     def merge(self) -> nn.Module:
-        """Fold the adapter into the float weight: an fp model, not an integer one."""
-        return fp_linear(self.weight + self.delta().detach(), self.bias)
+        """Fold the adapter into the float weight, rounded to its dtype: an fp model, not an integer one."""
+        return fp_linear((self.weight + self.delta().detach()).to(self.weight.dtype), self.bias)
 
 
 @register

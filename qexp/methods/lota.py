@@ -22,10 +22,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantLinear, QuantSpec, QuantWeight, dequantize, grouped
+from ..quant import QuantLinear, QuantSpec, QuantWeight, act_linear, dequantize, grouped
 from . import register
 from .base import Method, MethodConfig, MethodLayer
 
@@ -105,7 +104,7 @@ class LoTALinear(MethodLayer):
         return dequantize(codes, self.scale, zero, self.spec.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return act_linear(x, self.weight(), self.bias)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

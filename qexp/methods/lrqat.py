@@ -29,12 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
-from ..quant import QuantLinear, QuantSpec, QuantWeight, dequantize, grouped, ste_round
+from ..quant import QuantLinear, QuantSpec, QuantWeight, act_linear, dequantize, grouped, ste_round
 from . import register
 from .base import Method, MethodConfig, MethodLayer
 from .lora import lora_factors
@@ -72,11 +71,13 @@ def _codes(phi0: Tensor, frac_bits: int | None, offset: int, a: Tensor, b: Tenso
 def _forward(x: Tensor, phi0: Tensor, a: Tensor, b: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
              frac_bits: int | None, offset: int, scaling: float, spec: QuantSpec) -> Tensor:
     w = dequantize(_codes(phi0, frac_bits, offset, a, b, scaling, spec), scale, zero, spec.group_size)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return act_linear(x, w, bias)
 
 
 class LRQATLinear(MethodLayer):
-    """The LR-QAT training layer; holds no fp copy of ``W₀``."""
+    """The LR-QAT training layer; holds no fp copy of ``W₀``. ``A``, ``B`` in the model dtype
+    (``--use-bf16-ab``; fp32 under fp16, :func:`param_dtype`), ``s`` fp32; ``C``, the codes and
+    ``Ŵ`` in fp32, cast to the activation dtype for the matmul."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, qw: QuantWeight, rank: int, alpha: float,
                  phi: str = "int8", use_checkpoint: bool = True) -> None:
@@ -96,7 +97,7 @@ class LRQATLinear(MethodLayer):
         self.register_buffer("zero", qw.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.scale = nn.Parameter(qw.scale.detach().float().clone())
-        b, a = lora_factors(weight.shape[1], weight.shape[0], rank, self.scale)  # B [r, d_in] Kaiming, A [d_out, r] 0
+        b, a = lora_factors(weight.shape[1], weight.shape[0], rank, weight)  # B [r, d_in] Kaiming, A [d_out, r] 0
         self.lora_A, self.lora_B = a, b
         self.scaling = alpha / rank
         self.use_checkpoint = use_checkpoint

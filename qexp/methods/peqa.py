@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantLinear, QuantWeight, dequantize
+from ..quant import QuantLinear, QuantWeight, act_linear, dequantize
 from . import register
 from .base import Method, MethodLayer
 
 
 class PEQALinear(MethodLayer):
+    """Frozen codes and zeros, trainable scales in the base quantizer's fp32 (in every model dtype);
+    the weight is dequantized in fp32 and cast to the activation dtype, as the merged QuantLinear."""
+
     def __init__(self, qw: QuantWeight, bias: Tensor | None) -> None:
         super().__init__()
         self.spec = qw.spec
@@ -24,8 +26,7 @@ class PEQALinear(MethodLayer):
         self.scale = nn.Parameter(qw.scale.clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
-        return F.linear(x, w, self.bias)
+        return act_linear(x, dequantize(self.codes, self.scale, self.zero, self.spec.group_size), self.bias)
 
     def merge(self) -> nn.Module:
         return QuantLinear(QuantWeight(self.codes, self.scale.detach(), self.zero, self.spec), self.bias)

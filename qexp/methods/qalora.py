@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantLinear, QuantWeight, dequantize
+from ..quant import QuantLinear, QuantWeight, act_linear, dequantize
 from . import register
 from .base import Method, MethodConfig, MethodLayer
-from .lora import lora_factors
+from .lora import lora_factors, lora_update
 
 
 @dataclass
@@ -32,12 +31,14 @@ class QALoRAConfig(MethodConfig):
 
 
 class QALoRALinear(MethodLayer):
-    """Frozen integer base + group-pooled LoRA; merges into float zero points."""
+    """Frozen integer base (fp32 scales and zeros) + group-pooled LoRA in the training dtype of a
+    model in ``dtype``; merges into float zero points (computed in fp32)."""
 
     ON_GRID = True  # codes stay on the integer grid ...
     FLOAT_ZERO: ClassVar[bool] = True  # ... but the merged zero points are floats
 
-    def __init__(self, qw: QuantWeight, bias: Tensor | None, rank: int, alpha: float) -> None:
+    def __init__(self, qw: QuantWeight, bias: Tensor | None, rank: int, alpha: float,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.spec = qw.spec
         d_out, d_in = qw.codes.shape
@@ -46,7 +47,8 @@ class QALoRALinear(MethodLayer):
         self.register_buffer("scale", qw.scale.detach().clone())
         self.register_buffer("zero", qw.zero.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.lora_A, self.lora_B = lora_factors(self.groups, d_out, rank, self.scale)
+        like = torch.empty(0, dtype=dtype, device=self.scale.device)
+        self.lora_A, self.lora_B = lora_factors(self.groups, d_out, rank, like)
         self.scaling = alpha / rank
 
     def pool(self, x: Tensor) -> Tensor:
@@ -54,9 +56,8 @@ class QALoRALinear(MethodLayer):
         return x.unflatten(-1, (self.groups, self.group_len)).mean(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
-        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return y + self.scaling * F.linear(F.linear(self.pool(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        y = act_linear(x, dequantize(self.codes, self.scale, self.zero, self.spec.group_size), self.bias)
+        return y + lora_update(self.pool(x), self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
@@ -72,4 +73,4 @@ class QALoRA(Method):
     Config = QALoRAConfig
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
-        return QALoRALinear(qw, linear.bias, self.cfg.rank, self.cfg.alpha)
+        return QALoRALinear(qw, linear.bias, self.cfg.rank, self.cfg.alpha, linear.weight.dtype)

@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantLinear, QuantWeight
+from ..quant import QuantLinear, QuantWeight, act_linear
 from ..quant.lsq import grad_scale, lsq_codes, lsq_fake_quant, lsq_grad_scale, offset_zero
 from . import register
-from .base import Method, MethodConfig, MethodLayer
+from .base import Method, MethodConfig, MethodLayer, param_dtype, scale_dtype
 
 
 @dataclass
@@ -30,16 +29,17 @@ class QATConfig(MethodConfig):
 
 
 class QATLinear(MethodLayer):
-    """A target linear under full QAT: trainable fp ``weight``, ``scale`` and (optionally) ``offset``."""
+    """A target linear under full QAT: trainable fp ``weight`` (in :func:`param_dtype` of the model
+    dtype), fp32 ``scale`` and (optionally) ``offset``; the fake-quant weight is formed in fp32."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, qw: QuantWeight, learn_offset: bool,
                  use_grad_scale: bool) -> None:
         super().__init__()
         self.spec = qw.spec
-        self.weight = nn.Parameter(weight.detach().clone())
+        self.weight = nn.Parameter(weight.detach().to(param_dtype(weight.dtype), copy=True))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.scale = nn.Parameter(qw.scale.to(weight.dtype).clone())
-        offset = (-qw.zero * qw.scale).to(weight.dtype)
+        self.scale = nn.Parameter(qw.scale.to(scale_dtype(weight.dtype), copy=True))
+        offset = (-qw.zero * qw.scale).to(scale_dtype(weight.dtype))
         if learn_offset:
             self.offset = nn.Parameter(offset)
         else:
@@ -50,8 +50,7 @@ class QATLinear(MethodLayer):
         s, beta = self.scale, self.offset
         if self.gscale != 1.0:
             s, beta = grad_scale(s, self.gscale), grad_scale(beta, self.gscale)
-        w_q = lsq_fake_quant(self.weight, s, beta, self.spec)
-        return F.linear(x, w_q.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return act_linear(x, lsq_fake_quant(self.weight, s, beta, self.spec), self.bias)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..quant import QuantLinear, QuantWeight, rtn
@@ -25,13 +26,15 @@ class QLoRAConfig(LoRAConfig):
 
 
 class QLoRALinear(LoRALinear):
-    """LoRA over the dequantized frozen base; merge re-quantizes (lossy, and says so)."""
+    """LoRA over the frozen base dequantized (in fp32) to the model dtype ``dtype``, as QLoRA
+    dequantizes to its compute dtype; merge re-quantizes (lossy, and says so)."""
 
     ON_GRID = False
     LOSSY_MERGE = True
 
-    def __init__(self, qw: QuantWeight, bias, rank: int, alpha: float, requant_range: str) -> None:
-        super().__init__(qw.dequantize(), bias, rank, alpha)
+    def __init__(self, qw: QuantWeight, bias, rank: int, alpha: float, requant_range: str,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(qw.dequantize().to(dtype), bias, rank, alpha)
         self.spec, self.requant_range = qw.spec, requant_range
 
     def merge(self) -> nn.Module:
@@ -47,4 +50,4 @@ class QLoRA(Method):
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         c = self.cfg
-        return QLoRALinear(qw, linear.bias, c.rank, c.alpha, c.requant_range)
+        return QLoRALinear(qw, linear.bias, c.rank, c.alpha, c.requant_range, linear.weight.dtype)

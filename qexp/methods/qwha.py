@@ -27,10 +27,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantLinear, QuantWeight
+from ..quant import QuantLinear, QuantWeight, act_linear
 from ..quant.hadamard import factor, fwht, ifwht
 from . import register
 from .base import Method, MethodConfig, MethodLayer
@@ -66,7 +65,7 @@ def adapter_forward(base: QuantLinear, idx: Tensor, c: Tensor, scale: float, x: 
     """``x (W_Q + ΔW)ᵀ + b``: the one forward shared by training and the deployed module."""
     w_q, delta = base.weight_fp(), sparse_delta(idx, c, (base.out_features, base.in_features), scale)
     w = w_q.add_(delta) if torch.result_type(w_q, delta) == w_q.dtype else w_q + delta  # W_Q + ΔW, in place
-    return F.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
+    return act_linear(x, w, base.bias)
 
 
 class QWHADeployed(nn.Module):

@@ -29,12 +29,20 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight_fp().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return act_linear(x, self.weight_fp(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec
         return (f"in={self.in_features}, out={self.out_features}, bits={s.bits}, "
                 f"group_size={s.group_size}, symmetric={s.symmetric}")
+
+
+def act_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x Wᵀ + b`` in the activation dtype: ``weight`` (dequantized in fp32 by the grid math) and
+    ``bias`` are cast to ``x.dtype`` first (no-ops when they match). Training forwards and merged
+    layers all end here, so a merge that stores the training forward's operands casts the same
+    fp32 weight the same way: bit-exact in bf16 / fp16 as in fp32."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def fp_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:

@@ -80,7 +80,8 @@ def run_cell(cfg: DictConfig) -> dict:
             if cfg.eval.base:
                 evaluate("base")
             if method.TRAINS:
-                chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen)
+                draws = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum  # a hub corpus streams this many
+                chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen, draws)
                 result = train(model, method, chunks, cfg.train, cfg.seed, rec.checkpoint, tracker.log)
                 rec.data["train"] = {"steps": result["steps"], "resumed_from": result["resumed_from"],
                                      "loss_first": result["losses"][0], "loss_last": result["losses"][-1],

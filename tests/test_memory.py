@@ -4,6 +4,8 @@ GPTQ calibration states off the compute device, direct-dtype loading, streamed h
 from __future__ import annotations
 
 import gc
+import json
+import math
 import weakref
 
 import pytest
@@ -81,10 +83,9 @@ def test_gptq_updates_the_calibration_states_in_place(monkeypatch):
     hidden, seqlen, n = model.config.hidden_size, 16, 12
     live: list[int] = []
 
-    def count_states(mod, args, out) -> None:
-        gc.collect()
+    def count_states(mod, args, out) -> None:  # hidden states alive after each block forward
         live.append(sum(1 for o in gc.get_objects()
-                        if isinstance(o, torch.Tensor) and o.dim() == 3 and o.shape[1:] == (seqlen, hidden)))
+                        if type(o) is torch.Tensor and o.dim() == 3 and o.shape[1:] == (seqlen, hidden)))
 
     for block in model.model.layers:
         block.register_forward_hook(count_states)
@@ -119,3 +120,64 @@ def test_a_gpu_device_is_the_device_map_in_one_process():
 
     assert _placement("cuda:0") == {"low_cpu_mem_usage": True, "device_map": {"": torch.device("cuda:0")}}
     assert _placement("cpu") == _placement(None) == {"low_cpu_mem_usage": True}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from qexp import models
+
+    from .conftest import make_cfg
+
+    return models.load(make_cfg().model)[1]
+
+
+def _spy_streams(monkeypatch) -> list[int]:
+    """Rows pulled from each streamed ``load_dataset`` (the real one, on local JSON files)."""
+    import datasets
+
+    load, reads = datasets.load_dataset, []
+
+    def spy(*args, **kwargs):
+        assert kwargs.get("streaming") is True  # a hub training source is never loaded whole
+        reads.append(0)
+        i = len(reads) - 1
+        for row in load(*args, **kwargs):
+            reads[i] += 1
+            yield row
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    return reads
+
+
+def test_hub_text_streams_only_the_tokens_the_run_needs(tmp_path, tok, monkeypatch):
+    from qexp import data
+    from qexp.config import SourceConfig
+
+    docs = [f"Document {i} says " + "something rather plain " * (3 + i % 5) for i in range(200)]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    seqlen, examples = 32, 20  # e.g. 5 steps × batch 2 × accumulation 2
+    whole = data.lm_chunks(SourceConfig(kind="files", name="docs", files=[str(f)]), tok, seqlen, examples)
+    reads = _spy_streams(monkeypatch)
+    hub = SourceConfig(kind="hub", name="json", files=[str(f)], split="train")
+    chunks = data.lm_chunks(hub, tok, seqlen, examples)
+    need = math.ceil(examples * data.MARGIN) * seqlen
+    lengths = [len(tok(d, add_special_tokens=False).input_ids) for d in docs]
+    docs_needed = next(m for m in range(1, len(docs)) if sum(lengths[:m]) + m - 1 >= need)
+    assert reads == [docs_needed] and docs_needed < len(docs) // 2
+    assert chunks.shape == (22, seqlen)
+    assert torch.equal(chunks.flatten(), whole.flatten()[:need])  # the packing of the whole-file path
+    assert len(whole) > 2 * len(chunks)  # files (and embedded) are still read whole
+
+
+def test_hub_alpaca_streams_only_the_rows_the_run_needs(tmp_path, tok, monkeypatch):
+    from qexp import data
+    from qexp.config import SourceConfig
+
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(50)]
+    f = tmp_path / "alpaca.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reads = _spy_streams(monkeypatch)
+    src = SourceConfig(kind="hub", name="json", files=[str(f)], split="train", format="alpaca")
+    chunks = data.lm_chunks(src, tok, 48, examples=10)
+    assert reads == [11] and chunks.shape == (11, 2, 48)

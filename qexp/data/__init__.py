@@ -12,12 +12,18 @@ Perplexity sets (``data.eval``) become tokens by one of two protocols (:func:`ev
   random_windows  GPTQ's C4 protocol: ``ppl_windows`` (256) times, draw a document with more than
                   ``seqlen`` tokens and a random ``seqlen`` window in it (Python ``random``, seed 0)
 The hub configs use WikiText-2 test (concat) and C4 validation shard 0 (random_windows), as GPTQ.
+
+Training text from the hub is streamed (:func:`lm_chunks` with ``examples``): only the documents
+that give the sequences the run draws, plus :data:`MARGIN`, are read (SlimPajama-6B is never
+downloaded whole). Embedded corpora and local files are read whole, as before.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -28,6 +34,7 @@ from torch import Tensor
 
 from ..config import ConfigError, SourceConfig
 
+MARGIN = 1.1  # a streamed training source reads 10 % more sequences than the run draws
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
@@ -70,8 +77,7 @@ def documents(src: SourceConfig) -> list:
     import datasets  # hub and local files go through HF datasets
 
     if src.kind == "hub":
-        files = {src.split: list(src.files)} if src.files else None  # e.g. C4's validation shard 0
-        ds = datasets.load_dataset(src.name, src.subset, data_files=files, split=src.split)
+        ds = _hub(src)
     else:
         missing = [f for f in src.files if not Path(f).expanduser().exists()]
         if not src.files or missing:
@@ -84,6 +90,33 @@ def documents(src: SourceConfig) -> list:
     if src.column not in ds.column_names:
         raise ConfigError(f"column={src.column!r} is not a column of {src.name}; columns: {', '.join(ds.column_names)}")
     return [t for t in ds[src.column] if t is not None]
+
+
+def _hub(src: SourceConfig, streaming: bool = False):
+    """The hub dataset split of ``src`` (``streaming``: an iterable that downloads only what is read)."""
+    import datasets
+
+    files = {src.split: list(src.files)} if src.files else None  # e.g. C4's validation shard 0
+    return datasets.load_dataset(src.name, src.subset, data_files=files, split=src.split, streaming=streaming)
+
+
+def _streamed_tokens(src: SourceConfig, tok, n: int) -> Tensor:
+    """The first ``n`` tokens of a hub text source, tokenized document by document and joined by EOS
+    (the packing of :func:`lm_chunks`); reading stops there."""
+    parts: list[Tensor] = []  # documents and EOS separators (tensors: no Python int per token)
+    have, eos = 0, torch.tensor([tok.eos_token_id])
+    for row in _hub(src, streaming=True):
+        if src.column not in row:
+            raise ConfigError(f"column={src.column!r} is not a column of {src.name}; columns: {', '.join(row)}")
+        if row[src.column] is None:
+            continue
+        if parts:
+            parts.append(eos)
+        parts.append(torch.tensor(tok(row[src.column], add_special_tokens=False).input_ids, dtype=torch.long))
+        have += len(parts[-1]) + (len(parts) > 1)
+        if have >= n:
+            break
+    return torch.cat(parts)[:n] if parts else torch.zeros(0, dtype=torch.long)
 
 
 def token_stream(docs: list[str], tok) -> Tensor:
@@ -125,21 +158,27 @@ def eval_tokens(src: SourceConfig, tok, seqlen: int, max_windows: int | None) ->
     raise ConfigError(f"ppl_protocol={src.ppl_protocol!r} is not valid; choose one of: concat, random_windows")
 
 
-def lm_chunks(src: SourceConfig, tok, seqlen: int) -> Tensor:
+def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) -> Tensor:
     """Training examples ``[n, seqlen]``: packed text, or alpaca rows padded with -100 prompt labels.
 
     For ``format=text`` the returned tensor holds input ids (labels = inputs); for
-    ``format=alpaca`` it is ``[n, 2, seqlen]`` with (input ids, labels).
+    ``format=alpaca`` it is ``[n, 2, seqlen]`` with (input ids, labels). ``examples``: how many the
+    run draws (steps × batch size × accumulation); a hub source then streams only ``MARGIN`` × that
+    many (the first documents of the split), other sources are read whole.
     """
-    docs = documents(src)
+    stream = math.ceil(examples * MARGIN) if examples and src.kind == "hub" else None
     if src.format == "text":
-        ids = torch.tensor(tok(tok.eos_token.join(docs), add_special_tokens=False).input_ids, dtype=torch.long)
+        if stream:
+            ids = _streamed_tokens(src, tok, stream * seqlen)
+        else:
+            docs = documents(src)
+            ids = torch.tensor(tok(tok.eos_token.join(docs), add_special_tokens=False).input_ids, dtype=torch.long)
         n = len(ids) // seqlen
         if n == 0:
             raise ConfigError(f"data {src.name}: {len(ids)} tokens, fewer than one seqlen={seqlen} window")
         return ids[: n * seqlen].view(n, seqlen)
     rows = []
-    for r in docs:
+    for r in itertools.islice(_hub(src, streaming=True), stream) if stream else documents(src):
         prompt = ALPACA_PROMPT.format(ctx=", paired with an input" if r.get("input") else "",
                                       instruction=r["instruction"],
                                       input=f"### Input:\n{r['input']}\n\n" if r.get("input") else "")

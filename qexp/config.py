@@ -158,6 +158,17 @@ def register() -> None:
                         ("eval", EvalConfig), ("tracking", TrackingConfig), ("quant", QuantConfig),
                         ("export", ExportConfig)]:
         cs.store(group=group, name=f"base_{group}", node=node)
+    OmegaConf.register_new_resolver("by_bits", by_bits, replace=True)
+
+
+def by_bits(table: dict, bits: int) -> Any:
+    """``${by_bits:{2: 2e-5, default: 3e-5},${bits}}``: a value that depends on the bit width (a
+    paper's per-bit lr inside one sweep over bits)."""
+    if bits in table:
+        return table[bits]
+    if "default" in table:
+        return table["default"]
+    raise ConfigError(f"bits={bits} has no entry in {dict(table)} and there is no 'default'")
 
 
 def _choice(key: str, value: Any, choices: Any) -> None:

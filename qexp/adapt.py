@@ -17,12 +17,15 @@ from .quant.base import base_quantizer
 def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quant_cfg,
            calib: Callable[[], Tensor], cache_dir: Path | None = None) -> None:
     """Quantize each target with the base quantizer (if the method starts from one) and swap in
-    the method's training layer. Everything else in the model stays frozen. ``cache_dir``: where
+    the method's training layer; ``targets`` is consumed (each fp Linear is freed as it is replaced).
+    Everything else in the model stays frozen. ``cache_dir``: where
     GPTQ bases are cached across cells (None: no cache)."""
     model.requires_grad_(False)
     method.prepare(model, targets, calib() if method.NEEDS_CALIB else None)
     quantize = base_quantizer(quant_cfg, method.spec, model, targets, calib, cache_dir) if method.NEEDS_BASE else None
-    for name, linear in targets.items():
+    while targets:  # consumed: each fp Linear is freed once its method layer replaces it
+        name, linear = next(iter(targets.items()))
+        del targets[name]
         qw = quantize(name, linear) if quantize else None
         set_module(model, name, method.layer(name, linear, qw))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from .config import ConfigError, ModelConfig
 
@@ -51,7 +51,8 @@ def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp",
         if base is None:
             raise ConfigError(f"model.tokenizer={cfg.tokenizer!r}: choose {EMBEDDED.name!r}")
         tok = AutoTokenizer.from_pretrained(_embedded_dir(base, cache_root(cache_dir)))
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **cfg.random)).to(dtype)
+        # built in its dtype (RoPE's inv_freq stays fp32, as from_pretrained keeps it)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), **cfg.random), dtype=dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if device is not None and model.device != torch.device(device):  # not where device_map put it

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 from qexp.config import ConfigError, validate
 from qexp.methods import registry
@@ -42,27 +41,8 @@ def test_methods_run_in_fp16(cfg_factory, name):
     _check_cell(run_cell(cfg_factory(f"method={name}", "model.dtype=float16", *FAST)), name, "float16")
 
 
-@pytest.fixture
-def fp32_rope(monkeypatch):
-    """``qexp.models`` builds ``source=random`` models with ``.to(dtype)``, which also rounds RoPE's
-    ``inv_freq`` buffer to bf16, while ``from_pretrained`` (how an export reloads) keeps it fp32.
-    Build the model in its dtype instead (``from_config(dtype=...)``, the same weights), so the
-    reloaded export and the in-memory model are the same function."""
-    import qexp.models
-
-    load = qexp.models.load
-
-    def built_in_dtype(*args, **kwargs):
-        model, tok = load(*args, **kwargs)
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
-        fresh.load_state_dict(model.state_dict())
-        return fresh.eval().requires_grad_(False), tok
-
-    monkeypatch.setattr(qexp.models, "load", built_in_dtype)
-
-
 @pytest.mark.parametrize("name, export_dtype", [("l4q", "bfloat16"), ("qwha", "bfloat16"), ("lota", "float16")])
-def test_export_all_from_a_bf16_cell(cfg_factory, fp32_rope, name, export_dtype):
+def test_export_all_from_a_bf16_cell(cfg_factory, name, export_dtype):
     rec = run_cell(cfg_factory(f"method={name}", "model.dtype=bfloat16", "bits=4", "export=all",
                                f"export.dtype={export_dtype}", *FAST))
     assert rec["status"] == "ok", rec.get("error")

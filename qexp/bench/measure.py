@@ -6,6 +6,8 @@ window (the training steps) instead of the whole process life, which is what ``r
 gives. The workers run with a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so every
 large tensor is its own mapping and freeing it returns the pages to the OS: RSS then follows
 the live tensors. Memory, CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated``.
+Memory without an allocator (``qexp.plan``): :class:`TensorMemory` counts live tensor storages,
+the quantity ``max_memory_allocated`` reports, on any device.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 MB = 2**20
 # Environment for worker processes: one mapping per tensor ≥ 128 KiB (fixed, not glibc's sliding
@@ -139,3 +144,50 @@ def machine(dev: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
     return info
+
+
+class TensorMemory(TorchDispatchMode):
+    """Live bytes of tensor storages on ``device`` (None: every device) and their peak, counted
+    per storage as CUDA's caching allocator's ``memory_allocated`` counts them, on the CPU too and
+    without an allocator: every storage an op creates while the mode is active is added, and
+    removed when it is freed. Same interface as :class:`Memory` (MB)."""
+
+    kind = "live tensor storage bytes (dispatch-mode tracker)"
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.device = None if device is None else torch.device(device).type
+        self.live: dict[int, int] = {}
+        self.bytes = self.peak_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                  and t.device.type != "meta"}  # views and in-place results allocate nothing
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.device.type != "meta" and self.device in (None, t.device.type)
+                    and t.untyped_storage()._cdata not in inputs):
+                self._add(t.untyped_storage())
+        return out
+
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = storage.nbytes()
+            self.bytes += self.live[key]
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.bytes -= self.live.pop(key, 0)
+
+    def now(self) -> float:
+        gc.collect()
+        return self.bytes / MB
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        self.peak_bytes = self.bytes
+
+    def peak(self) -> float:
+        return self.peak_bytes / MB

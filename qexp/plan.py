@@ -1,0 +1,370 @@
+"""``python -m qexp.plan <overrides> [--multirun]``: each stage's peak device memory for a cell,
+at the real model's shapes, without loading its weights.
+
+How. The model's architecture (its ``config.json``) is built with ``k = 1`` and ``2`` decoder
+layers at the real widths and dtype, with random weights, and the stages of
+:func:`qexp.run.run_cell` run on it on the CPU (load, base quantization, attach, two training
+steps, merge, eval), each at two small token counts ``τ``. A
+:class:`~qexp.bench.measure.TensorMemory` counts the live tensor bytes, what CUDA's
+``max_memory_allocated`` counts. Each stage's peak is fitted as ``a + b·k + c·T + d·k·T`` from
+the four runs and evaluated at the model's layer count and at the stage's real token count:
+training micro-batch × seqlen; eval batch × seqlen; one calibration forward (GPTQ's or QWHA's
+batch × calib_seqlen); merge-check tokens. Activation memory is linear in tokens when attention
+never forms the ``T×T`` scores (SDPA's flash / memory-efficient kernels, the default).
+
+Shortcuts, each exact for memory: the base quantization (GPTQ, or RTN with a range search) is
+measured once per grid layout and shared by the cells that use it (bits change code values,
+not shapes), and a range search scans 2 candidates instead of ``quant.grid`` (it holds one at a
+time); the attach, train, merge and eval stages then start from an RTN base of the cell's own
+grid; cells that differ only in bits share one measurement (the test checks that bits leave every
+method's bytes unchanged, but QWHA's, whose AdaAlloc budget split moves them by < 0.5 %).
+Calibration sequences beyond one forward batch stay in host memory.
+
+Not counted: the CUDA context and kernels (about 0.5 GB), allocator fragmentation and cache,
+lm-eval's own batches (``eval.lm_eval_batch_size``), and host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from . import adapt, models
+from .bench.measure import MB, TensorMemory
+from .bench.worker import Trainer
+from .config import ConfigError, check_group_size, method_config, register, validate
+from .eval import perplexity
+from .methods import get as get_method
+from .quant import QuantSpec
+from .quant.base import base_quantizer
+from .quant.gptq import CALIB_BATCH
+from .train import _activation_checkpointing as activation_checkpointing
+
+log = logging.getLogger("qexp.plan")
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = Path(__file__).with_name("archs")  # config.json of the hub models, for offline plans
+STAGES = ("load", "base", "attach", "train", "merge", "eval")
+GIB = 2**30
+
+
+def arch_config(cfg: DictConfig) -> PretrainedConfig:
+    """The model's architecture: ``model.path``'s ``config.json`` (a local directory, or the hub
+    and its cache), else ``qexp/archs/<model.name>.json``."""
+    m = cfg.model
+    if m.source == "random":
+        from .models import EMBEDDED, _embedded_dir
+        vocab = AutoConfig.from_pretrained(_embedded_dir(EMBEDDED, models.cache_root(cfg.cache_dir))).vocab_size
+        return AutoConfig.for_model("llama", vocab_size=vocab, **m.random)
+    if m.source == "embedded":
+        return AutoConfig.from_pretrained(models._embedded_dir(m, models.cache_root(cfg.cache_dir)))
+    local = ARCHS / f"{m.name}.json"
+    path = Path(str(m.path)).expanduser()
+    if path.is_dir() or not local.exists():
+        try:
+            return AutoConfig.from_pretrained(str(path) if path.is_dir() else m.path)
+        except OSError as e:
+            raise ConfigError(
+                f"model={m.name}: cannot read the config of model.path={m.path!r} ({str(e).splitlines()[0]}). "
+                f"Give a local config: model.path=/dir/with/config.json (the config alone is enough), or "
+                f"put it at {local}") from None
+    return AutoConfig.from_pretrained(str(local))
+
+
+@dataclass
+class Cell:
+    cfg: DictConfig
+    overrides: list[str]
+
+    @property
+    def label(self) -> str:
+        c = self.cfg
+        return f"{c.model.name} {c.method.name} w{c.bits}g{c.group_size}"
+
+
+def compose_cells(overrides: list[str], multirun: bool) -> list[Cell]:
+    """The cells ``python -m qexp.run <overrides> [--multirun]`` would run, each validated."""
+    register()
+    os.environ.setdefault("QEXP_ROOT", str(ROOT))
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    axes: dict[str, list[str]] = {}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        if multirun:
+            hcfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+            for key, value in (hcfg.hydra.sweeper.params or {}).items():
+                axes[key] = [v.strip() for v in str(value).split(",")]
+        for o in parsed:
+            if o.is_sweep_override():
+                if not multirun:
+                    raise ConfigError(f"{o.input_line}: a sweep needs --multirun")
+                axes[o.get_key_element()] = list(o.sweep_string_iterator())
+        cells = []
+        for combo in itertools.product(*axes.values()):
+            extra = [f"{k}={v}" for k, v in zip(axes, combo, strict=True)]
+            cfg = compose(config_name="config", overrides=[*fixed, *extra])
+            validate(cfg)
+            cells.append(Cell(cfg, [*fixed, *extra]))
+    return cells
+
+
+class Planner:
+    """Runs the stages at ``k`` layers and ``τ`` tokens and extrapolates (see the module doc)."""
+
+    def __init__(self, layers: tuple[int, int] = (1, 2), tokens: tuple[int, int] = (32, 64),
+                 device: str = "cpu") -> None:
+        self.layers, self.tokens, self.device = layers, tokens, torch.device(device)
+        self.models: dict[tuple, torch.nn.Module] = {}  # pristine random models, by (arch, dtype, k)
+        self.bases: dict[str, float] = {}  # measured base-quantization peaks, by grid layout
+        self.cells: dict[str, tuple[dict, str]] = {}  # measurements, by config without bits
+
+    def pristine(self, arch: PretrainedConfig, dtype: torch.dtype, k: int) -> torch.nn.Module:
+        """The random ``k``-layer model, built once per plan (cells measure a copy of it)."""
+        key = (arch.to_json_string(), dtype, k)
+        if key not in self.models:
+            torch.manual_seed(0)
+            c = copy.deepcopy(arch)
+            c.num_hidden_layers = k
+            model = AutoModelForCausalLM.from_config(c, dtype=dtype).to(self.device)
+            self.models[key] = model.eval().requires_grad_(False)
+        return self.models[key]
+
+    def measure(self, cfg: DictConfig, arch: PretrainedConfig, k: int) -> dict[str, dict[int, float]]:
+        """Peak MB of each stage of one cell at ``k`` layers, per token count ``τ`` (a stage that
+        does not depend on tokens is measured once), and the seconds each stage took."""
+        t1, t2 = self.tokens
+        dtype = getattr(torch, cfg.model.dtype)
+        spec = QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym)
+        method = get_method(cfg.method.name)(method_config(cfg), spec)
+        ids = {t: torch.randint(0, arch.vocab_size, (1, t), generator=torch.Generator().manual_seed(t)).to(self.device)
+               for t in self.tokens}
+        probe = torch.randint(0, arch.vocab_size, (1, cfg.eval.merge_check_tokens)).to(self.device)
+        peaks: dict[str, dict[int, float]] = {}
+        secs: dict[str, float] = {}
+        pristine = self.pristine(arch, dtype, k)
+        rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "range": "minmax"})
+        mem = TensorMemory(self.device)
+
+        def stage(name: str, tau: int | None, fn) -> None:
+            t0 = time.perf_counter()
+            mem.reset_peak()
+            fn()
+            for t in ((tau,) if tau else self.tokens):
+                peaks.setdefault(name, {})[t] = mem.peak()
+            secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
+
+        with mem:
+            model = copy.deepcopy(pristine)
+            peaks["load"] = {t: mem.peak() for t in self.tokens}
+            targets = models.targets(model, list(cfg.model.targets))
+            check_group_size(cfg.group_size, {n: t.in_features for n, t in targets.items()})
+            if method.NEEDS_BASE:
+                for t in self.tokens if cfg.quant.init == "gptq" else (None,):
+                    key = self._layout(cfg, spec, k, t)
+                    if key not in self.bases:
+                        stage("base", t, lambda t=t: self._base(cfg, spec, model, targets, ids[t or t1]))
+                        self.bases[key] = peaks["base"][t or t1]
+                    for tt in (t,) if t else self.tokens:
+                        peaks.setdefault("base", {})[tt] = self.bases[key]
+            stage("attach", t1 if method.NEEDS_CALIB else None,
+                  lambda: adapt.attach(model, method, targets, rtn_base, lambda: ids[t1], None))
+            targets.clear()  # the fp Linears go, as in run_cell
+            if method.TRAINS:
+                model.train()
+                trainer = Trainer(model, method, cfg, self.device)
+
+                def steps(t: int, n: int) -> None:
+                    for _ in range(n):
+                        trainer.step(lambda: model(input_ids=ids[t], labels=ids[t], use_cache=False).loss,
+                                     lambda loss: loss.backward())
+
+                with activation_checkpointing(model, cfg.train.gradient_checkpointing):
+                    stage("train", t1, lambda: steps(t1, 2))  # the first step allocates the optimizer state
+                    stage("train", t2, lambda: steps(t2, 1))
+                del trainer
+                model.eval()
+            stage("merge", None, lambda: adapt.merge(model, probe))
+            for t in self.tokens:
+                stage("eval", t, lambda t=t: perplexity(model, ids[t].reshape(-1), t, 1, 1))
+        if method.NEEDS_CALIB:  # the calibration forwards at τ2 too, on a fresh copy
+            with TensorMemory(self.device) as mem2:
+                twin = copy.deepcopy(pristine)
+                twin_targets = models.targets(twin, list(cfg.model.targets))
+                fresh = get_method(cfg.method.name)(method_config(cfg), spec)
+                adapt.attach(twin, fresh, twin_targets, rtn_base, lambda: ids[t2], None)
+                peaks["attach"][t2] = mem2.peak()
+        return {**peaks, "seconds": secs}
+
+    @staticmethod
+    def _layout(cfg: DictConfig, spec: QuantSpec, k: int, tau: int | None) -> str:
+        """What the base quantizer's memory depends on: the grid layout and code dtype, not bits."""
+        return json.dumps({**OmegaConf.to_container(cfg.quant), "calib_samples": None, "group_size": cfg.group_size,
+                           "int16_codes": spec.qmax > 127, "model": cfg.model.name, "dtype": cfg.model.dtype,
+                           "targets": list(cfg.model.targets), "k": k, "tau": tau}, sort_keys=True)
+
+    @staticmethod
+    def _base(cfg: DictConfig, spec: QuantSpec, model, targets, ids) -> None:
+        """The configured base quantizer on every target. A range search evaluates its candidates
+        one at a time, so two candidates take the memory of ``quant.grid`` (and a fraction of the time)."""
+        quant = OmegaConf.merge(cfg.quant, {"grid": min(cfg.quant.grid, 2)})
+        quantize = base_quantizer(quant, spec, model, targets, lambda: ids, None)
+        qws = {n: quantize(n, t) for n, t in targets.items()}  # noqa: F841  (held, as attach holds them)
+
+    def plan(self, cell: Cell) -> dict:
+        """The cell's predicted peak per stage. Cells that differ only in ``bits`` (same code
+        dtype) share one measurement: bits change code values, not tensor shapes."""
+        cfg = cell.cfg
+        arch = arch_config(cfg)
+        key = json.dumps({**OmegaConf.to_container(cfg, resolve=True), "bits": None,
+                          "int16_codes": cfg.bits > 7}, sort_keys=True, default=str)
+        t0 = time.perf_counter()
+        if key not in self.cells:
+            self.cells[key] = ({k: self.measure(cfg, arch, k) for k in self.layers}, cell.label)
+        runs, measured_as = self.cells[key]
+        real = stage_tokens(cfg)
+        n_layers = arch.num_hidden_layers
+        stages = {s: round(extrapolate(runs, s, n_layers, real[s], self.layers, self.tokens), 1)
+                  for s in STAGES if s in runs[self.layers[0]]}
+        peak_stage = max(stages, key=stages.get)
+        return {"cell": cell.label, "overrides": cell.overrides, "model": cfg.model.name,
+                "method": cfg.method.name, "bits": cfg.bits, "group_size": cfg.group_size,
+                "dtype": cfg.model.dtype, "layers": n_layers, "tokens": real, "stages_mb": stages,
+                "peak_mb": stages[peak_stage], "peak_stage": peak_stage, "measured_as": measured_as,
+                "measured_mb": {f"k{k}": {s: v for s, v in r.items() if s != "seconds"} for k, r in runs.items()},
+                "seconds": {f"k{k}": {s: round(v, 1) for s, v in r["seconds"].items()} for k, r in runs.items()},
+                "plan_s": round(time.perf_counter() - t0, 1)}
+
+
+def stage_tokens(cfg: DictConfig) -> dict[str, int]:
+    """Tokens on the device at once in each stage of a real run of ``cfg``."""
+    t, q, e = cfg.train, cfg.quant, cfg.eval
+    calib = min(q.calib_samples, CALIB_BATCH) * q.calib_seqlen
+    if "calib_batch" in cfg.method:  # methods that run their own calibration forwards (QWHA)
+        calib = max(calib, cfg.method.calib_batch * q.calib_seqlen)
+    return {"load": 0, "base": calib, "attach": calib, "train": t.batch_size * t.seqlen,
+            "merge": e.merge_check_tokens, "eval": e.batch_size * e.seqlen}
+
+
+def extrapolate(runs: dict, stage: str, layers: int, tokens: int, ks: tuple[int, int],
+                taus: tuple[int, int]) -> float:
+    """``a + b·k + c·T + d·k·T`` through the four measured points, at (``layers``, ``tokens``)."""
+    (k1, k2), (t1, t2) = ks, taus
+
+    def at_tokens(k: int) -> float:
+        lo, hi = runs[k][stage][t1], runs[k][stage][t2]
+        return lo + (hi - lo) * (tokens - t1) / (t2 - t1)
+
+    p1, p2 = at_tokens(k1), at_tokens(k2)
+    return p1 + (p2 - p1) * (layers - k1) / (k2 - k1)
+
+
+def validation(planner: Planner, cell: Cell, layers: tuple[int, int], tokens: int) -> dict:
+    """The plan's prediction at ``layers`` (measured with more layers than it uses) against a
+    measured run at the same widths, stage by stage, at ``tokens`` per stage."""
+    cfg, arch = cell.cfg, arch_config(cell.cfg)
+    small = {k: planner.measure(cfg, arch, k) for k in planner.layers}
+    big = Planner(layers, (tokens // 2, tokens), planner.device)
+    rows = []
+    for k in layers:
+        measured = big.measure(cfg, arch, k)
+        for stage in STAGES:
+            if stage in measured and stage != "seconds":
+                t = cfg.eval.merge_check_tokens if stage == "merge" else tokens
+                pred = extrapolate(small, stage, k, t, planner.layers, planner.tokens)
+                got = measured[stage][tokens]
+                rows.append({"layers": k, "stage": stage, "tokens": t, "predicted_mb": round(pred, 1),
+                             "measured_mb": round(got, 1), "error_pct": round(100 * (pred / got - 1), 2)})
+    return {"cell": cell.label, "overrides": cell.overrides, "from_layers": planner.layers,
+            "from_tokens": planner.tokens, "rows": rows}
+
+
+def table(row: dict) -> str:
+    """One cell's stages as a Markdown table (GiB)."""
+    lines = [f"### {row['cell']} ({row['dtype']}, {row['layers']} layers)", "", "| stage | tokens | peak GiB |",
+             "|---|---:|---:|"]
+    for stage, mb in row["stages_mb"].items():
+        lines.append(f"| {stage} | {row['tokens'][stage]} | {mb * MB / GIB:.2f} |")
+    lines.append(f"| **total (peak)** | | **{row['peak_mb'] * MB / GIB:.2f}** ({row['peak_stage']}) |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict], gpu_gib: float) -> str:
+    """One line per cell: the peak stage and whether it fits one GPU of ``gpu_gib``."""
+    lines = ["| cell | " + " | ".join(STAGES) + f" | peak GiB | fits {gpu_gib:g} GiB |",
+             "|---|" + "---:|" * (len(STAGES) + 2)]
+    for r in rows:
+        cols = [f"{r['stages_mb'][s] * MB / GIB:.1f}" if s in r["stages_mb"] else "—" for s in STAGES]
+        peak = r["peak_mb"] * MB / GIB
+        lines.append(f"| {r['cell']} | " + " | ".join(cols) + f" | {peak:.1f} | {'yes' if peak <= gpu_gib else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m qexp.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="the same overrides as python -m qexp.run")
+    p.add_argument("--multirun", "-m", action="store_true", help="every cell of the sweep (as qexp.run --multirun)")
+    p.add_argument("--out", default=None, help="JSON output (default: results/plan/<name>.json)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU size the summary checks against")
+    p.add_argument("--layers", default="1,2", help="the two layer counts k measured")
+    p.add_argument("--tokens", default="32,64", help="the two token counts τ measured")
+    p.add_argument("--validate", default=None, metavar="K1,K2",
+                   help="instead of planning: measure K1 and K2 layers and compare with the prediction")
+    p.add_argument("--validate-tokens", type=int, default=256, help="tokens per stage in --validate")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cells = compose_cells(args.overrides, args.multirun)
+    planner = Planner(_pair(p, "--layers", args.layers), _pair(p, "--tokens", args.tokens))
+    command = "python -m qexp.plan " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.validate:
+        checks = [validation(planner, c, _pair(p, "--validate", args.validate), args.validate_tokens) for c in cells]
+        for c in checks:
+            print(f"### {c['cell']}\n\n| layers | stage | tokens | predicted MB | measured MB | error % |\n"
+                  "|---:|---|---:|---:|---:|---:|")
+            print("\n".join(f"| {r['layers']} | {r['stage']} | {r['tokens']} | {r['predicted_mb']} | "
+                            f"{r['measured_mb']} | {r['error_pct']:+.2f} |" for r in c["rows"]), "\n", flush=True)
+        out = Path(args.out or "results/plan/validation.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "torch": torch.__version__, "checks": checks}, indent=1) + "\n")
+        print(f"written: {out}")
+        return checks
+    rows = []
+    for cell in cells:
+        rows.append(planner.plan(cell))
+        print(table(rows[-1]), "\n", flush=True)
+    print(summary(rows, args.gpu_gib))
+    out = Path(args.out or Path(cells[0].cfg.results_dir) / "plan" / f"{cells[0].cfg.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": command,
+           "layers": planner.layers, "tokens": planner.tokens, "torch": torch.__version__,
+           "note": "predicted peak device memory per stage, MB (2**20 bytes); see qexp/plan.py", "cells": rows}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"written: {out}")
+    return rows
+
+
+def _pair(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        p.error(f"{flag}={text!r} is not valid; give two increasing positive integers, e.g. 1,2")
+    if not 0 < a < b:
+        p.error(f"{flag}={text!r} is not valid; give two increasing positive integers, e.g. 1,2")
+    return a, b
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""``qexp.plan``: the tensor-memory meter, the layer/token extrapolation, bad input, the GPU check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qexp.bench import gpu_check
+from qexp.bench.measure import MB, TensorMemory
+from qexp.bench.worker import compose_cfg
+from qexp.config import ConfigError
+from qexp.methods import registry
+from qexp.plan import Planner, arch_config, compose_cells, extrapolate, main
+
+
+def test_meter_counts_new_storages_not_views_and_forgets_freed_ones():
+    with TensorMemory() as mem:
+        a = torch.zeros(1024, 256)  # 1 MiB
+        view, _ = a[:10], a.add_(1)  # a view and an in-place result allocate nothing
+        b = a * 2
+        assert mem.now() == pytest.approx(2.0)
+        del b
+        assert mem.now() == pytest.approx(1.0) and mem.peak() == pytest.approx(2.0)
+        mem.reset_peak()
+        assert mem.peak() == pytest.approx(1.0)
+        del view
+
+
+def test_meter_matches_the_bytes_of_a_model_it_builds():
+    with TensorMemory() as mem:
+        lin = torch.nn.Linear(256, 512, dtype=torch.bfloat16)
+    assert mem.now() * MB == (256 * 512 + 512) * 2
+    del lin
+
+
+@pytest.mark.parametrize("method", ["lota", "lrqat", "qwha"])
+def test_one_and_two_layers_predict_four_and_six(method):
+    """The plan's own check at test scale (the committed one is at Llama-2-7B's widths)."""
+    cfg = compose_cfg(method, ["model=tiny_random", "model.dtype=bfloat16"])
+    arch = arch_config(cfg)
+    small = Planner((1, 2), (32, 64))
+    runs = {k: small.measure(cfg, arch, k) for k in small.layers}
+    big = Planner((4, 6), (64, 128))
+    for k in big.layers:
+        measured = big.measure(cfg, arch, k)
+        for stage in ("load", "attach", "train", "eval"):
+            pred = extrapolate(runs, stage, k, 128, small.layers, small.tokens)
+            assert pred == pytest.approx(measured[stage][128], rel=0.02), (method, stage, k)
+
+
+def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
+    planner = Planner()
+    for method in sorted(registry()):
+        peaks = []
+        for bits in (2, 4):
+            cfg = compose_cfg(method, ["model=tiny_random", f"bits={bits}"])
+            peaks.append({s: v for s, v in planner.measure(cfg, arch_config(cfg), 2).items() if s != "seconds"})
+        for stage, by_tokens in peaks[0].items():
+            for tau, mb in by_tokens.items():
+                # QWHA's AdaAlloc splits its budget by each layer's quantization error
+                assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.005 if method == "qwha" else 0), (method, stage)
+
+
+def test_paper_sweep_expands_to_its_grid():
+    cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
+    assert len(cells) == 5 * 3 * 2
+    assert {c.cfg.model.name for c in cells} == {"llama2_7b"}
+    with pytest.raises(ConfigError, match="--multirun"):
+        compose_cells(["method=peqa,lora"], multirun=False)
+
+
+def test_plan_cli_writes_tables_and_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rows = main(["model=tiny_random", "method=peqa,lora", "--multirun", "--out", str(out)])
+    assert [r["method"] for r in rows] == ["peqa", "lora"]
+    text = capsys.readouterr().out
+    assert "| train |" in text and "fits 80 GiB" in text
+    doc = json.loads(out.read_text())
+    assert doc["cells"][0]["peak_mb"] == max(doc["cells"][0]["stages_mb"].values())
+
+
+def test_hub_model_without_a_readable_config_names_the_model_and_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_cfg("peqa", ["model=llama2_7b", "model.name=my_llama", "model.path=nobody/no-such-model"])
+    with pytest.raises(ConfigError, match=r"model=my_llama: cannot read the config .*model.path=/dir/with/config.json"):
+        arch_config(cfg)
+
+
+def test_paper_models_have_their_architecture_offline():
+    for name, width in [("llama2_7b", 11008), ("llama3.1_8b", 14336), ("qwen2.5_7b", 18944)]:
+        assert arch_config(compose_cfg("peqa", [f"model={name}"])).intermediate_size == width
+
+
+def test_gpu_check_runs_on_the_cpu_and_the_plan_matches_it(tmp_path):
+    out = tmp_path / "gpu.json"
+    doc = gpu_check.main(["--arch", "tiny_random", "--device", "cpu", "--batch", "1", "--seqlen", "64",
+                          "--methods", "lora,peqa,gptq", "--out", str(out)])
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["peqa"]["merge"]["lossless"] and rows["peqa"]["x_lora_step_ms"] > 0
+    assert abs(rows["peqa"]["plan_error_pct"]) < 1 and "step_ms" not in rows["gptq"]
+    assert json.loads(out.read_text())["rows"][0]["method"] == "lora"

@@ -12,11 +12,11 @@ training micro-batch × seqlen; eval batch × seqlen; one calibration forward (G
 batch × calib_seqlen); merge-check tokens. Activation memory is linear in tokens when attention
 never forms the ``T×T`` scores (SDPA's flash / memory-efficient kernels, the default).
 
-Shortcuts, each exact for memory: the base quantization (GPTQ, or RTN with a range search) is
-measured once per grid layout and shared by the cells that use it (bits change code values,
-not shapes), and a range search scans 2 candidates instead of ``quant.grid`` (it holds one at a
-time); the attach, train, merge and eval stages then start from an RTN base of the cell's own
-grid; cells that differ only in bits share one measurement (the test checks that bits leave every
+Shortcuts, each exact for memory: a GPTQ base is measured once per grid layout and shared by
+the cells that use it (bits change code values, not shapes), and the attach, train, merge and
+eval stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one
+layer at a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid``
+(it holds one at a time); cells that differ only in bits share one measurement (the test checks that bits leave every
 method's bytes unchanged, but QWHA's, whose AdaAlloc budget split moves them by < 0.5 %).
 Calibration sequences beyond one forward batch stay in host memory.
 
@@ -155,7 +155,7 @@ class Planner:
         peaks: dict[str, dict[int, float]] = {}
         secs: dict[str, float] = {}
         pristine = self.pristine(arch, dtype, k)
-        rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "range": "minmax"})
+        rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "grid": min(cfg.quant.grid, 2)})
         mem = TensorMemory(self.device)
 
         def stage(name: str, tau: int | None, fn) -> None:
@@ -171,14 +171,13 @@ class Planner:
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))
             check_group_size(cfg.group_size, {n: t.in_features for n, t in targets.items()})
-            if method.NEEDS_BASE:
-                for t in self.tokens if cfg.quant.init == "gptq" else (None,):
+            if method.NEEDS_BASE and cfg.quant.init == "gptq":  # RTN quantizes lazily, inside attach
+                for t in self.tokens:
                     key = self._layout(cfg, spec, k, t)
                     if key not in self.bases:
-                        stage("base", t, lambda t=t: self._base(cfg, spec, model, targets, ids[t or t1]))
-                        self.bases[key] = peaks["base"][t or t1]
-                    for tt in (t,) if t else self.tokens:
-                        peaks.setdefault("base", {})[tt] = self.bases[key]
+                        stage("base", t, lambda t=t: self._base(cfg, spec, model, targets, ids[t]))
+                        self.bases[key] = peaks["base"][t]
+                    peaks.setdefault("base", {})[t] = self.bases[key]
             stage("attach", t1 if method.NEEDS_CALIB else None,
                   lambda: adapt.attach(model, method, targets, rtn_base, lambda: ids[t1], None))
             targets.clear()  # the fp Linears go, as in run_cell
@@ -209,7 +208,7 @@ class Planner:
         return {**peaks, "seconds": secs}
 
     @staticmethod
-    def _layout(cfg: DictConfig, spec: QuantSpec, k: int, tau: int | None) -> str:
+    def _layout(cfg: DictConfig, spec: QuantSpec, k: int, tau: int) -> str:
         """What the base quantizer's memory depends on: the grid layout and code dtype, not bits."""
         return json.dumps({**OmegaConf.to_container(cfg.quant), "calib_samples": None, "group_size": cfg.group_size,
                            "int16_codes": spec.qmax > 127, "model": cfg.model.name, "dtype": cfg.model.dtype,
@@ -217,10 +216,8 @@ class Planner:
 
     @staticmethod
     def _base(cfg: DictConfig, spec: QuantSpec, model, targets, ids) -> None:
-        """The configured base quantizer on every target. A range search evaluates its candidates
-        one at a time, so two candidates take the memory of ``quant.grid`` (and a fraction of the time)."""
-        quant = OmegaConf.merge(cfg.quant, {"grid": min(cfg.quant.grid, 2)})
-        quantize = base_quantizer(quant, spec, model, targets, lambda: ids, None)
+        """GPTQ on every target (it computes them all before attach swaps any)."""
+        quantize = base_quantizer(cfg.quant, spec, model, targets, lambda: ids, None)
         qws = {n: quantize(n, t) for n, t in targets.items()}  # noqa: F841  (held, as attach holds them)
 
     def plan(self, cell: Cell) -> dict:

@@ -20,7 +20,7 @@ def _attach(bits: int = 3, group_size: int = 32, layers: int = 1, **kw):
     weights = {n: m.weight.clone() for n, m in targets.items()}
     method = LRQAT(LRQATConfig(name="lrqat", **kw), QuantSpec(bits, group_size, symmetric=True))
     adapt.attach(model, method, targets, LP4, lambda: None)
-    layers = {n: model.get_submodule(n) for n in targets}
+    layers = {n: model.get_submodule(n) for n in weights}  # attach consumed `targets`
     assert all(isinstance(m, LRQATLinear) for m in layers.values())
     return model, method, layers, weights
 

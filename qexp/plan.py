@@ -65,12 +65,8 @@ def arch_config(cfg: DictConfig) -> PretrainedConfig:
     """The model's architecture: ``model.path``'s ``config.json`` (a local directory, or the hub
     and its cache), else ``qexp/archs/<model.name>.json``."""
     m = cfg.model
-    if m.source == "random":
-        from .models import EMBEDDED, _embedded_dir
-        vocab = AutoConfig.from_pretrained(_embedded_dir(EMBEDDED, models.cache_root(cfg.cache_dir))).vocab_size
-        return AutoConfig.for_model("llama", vocab_size=vocab, **m.random)
-    if m.source == "embedded":
-        return AutoConfig.from_pretrained(models._embedded_dir(m, models.cache_root(cfg.cache_dir)))
+    if m.source in ("random", "embedded"):  # small models: load them as a run does
+        return models.load(m, cfg.cache_dir)[0].config
     local = ARCHS / f"{m.name}.json"
     path = Path(str(m.path)).expanduser()
     if path.is_dir() or not local.exists():
@@ -180,7 +176,6 @@ class Planner:
                     peaks.setdefault("base", {})[t] = self.bases[key]
             stage("attach", t1 if method.NEEDS_CALIB else None,
                   lambda: adapt.attach(model, method, targets, rtn_base, lambda: ids[t1], None))
-            targets.clear()  # the fp Linears go, as in run_cell
             if method.TRAINS:
                 model.train()
                 trainer = Trainer(model, method, cfg, self.device)
@@ -278,7 +273,7 @@ def validation(planner: Planner, cell: Cell, layers: tuple[int, int], tokens: in
     for k in layers:
         measured = big.measure(cfg, arch, k)
         for stage in STAGES:
-            if stage in measured and stage != "seconds":
+            if stage in measured:
                 t = cfg.eval.merge_check_tokens if stage == "merge" else tokens
                 pred = extrapolate(small, stage, k, t, planner.layers, planner.tokens)
                 got = measured[stage][tokens]

@@ -76,7 +76,6 @@ def run_cell(cfg: DictConfig) -> dict:
             with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
                 adapt.attach(model, method, targets, cfg.quant, calib,
                              models.cache_root(cfg.cache_dir) / "gptq" if cfg.quant.cache else None)
-                del targets  # the replaced fp Linears (and their weights) are freed here
             if cfg.eval.base:
                 evaluate("base")
             if method.TRAINS:

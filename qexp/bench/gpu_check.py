@@ -58,7 +58,6 @@ def check(method: str, arch_model: str, dtype: str, batch: int, seqlen: int, dev
         adapt.attach(model, m, targets, cfg.quant, lambda: calib, None)
         row["attach_s"] = clock(dev) - t0
         row["attach_mb"] = mem.peak()
-        del targets
         if m.TRAINS:
             trainer = Trainer(model, m, cfg, dev)
             mem.reset_peak()

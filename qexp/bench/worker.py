@@ -131,7 +131,6 @@ def model_job(job: dict) -> list[dict]:
     t0 = clock(dev)
     adapt.attach(model, method, targets, cfg.quant, lambda: calib)
     row["setup_s"] = clock(dev) - t0
-    del targets
     row["setup_detail"] = {k: v for k, v in getattr(method, "stats", {}).items() if k.endswith("_s")}
     row.update(trains=method.TRAINS, state_mb=tensor_mb(model))
     if method.TRAINS:

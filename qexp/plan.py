@@ -3,8 +3,9 @@ at the real model's shapes, without loading its weights.
 
 How. The model's architecture (its ``config.json``) is built with ``k = 1`` and ``2`` decoder
 layers at the real widths and dtype, with random weights, and the stages of
-:func:`qexp.run.run_cell` run on it on the CPU (load, base quantization, attach, two training
-steps, merge, eval), each at two small token counts ``τ``. A
+:func:`qexp.run.run_cell` run on it on the CPU (load, base quantization, attach, three training
+steps: forward + backward and the optimizer step are two peaks, merge, eval), each at two small
+token counts ``τ``. A
 :class:`~qexp.bench.measure.TensorMemory` counts the live tensor bytes, what CUDA's
 ``max_memory_allocated`` counts. Each stage's peak is fitted as ``a + b·k + c·T + d·k·T`` from
 the four runs and evaluated at the model's layer count and at the stage's real token count:
@@ -60,7 +61,7 @@ from .train import _activation_checkpointing as activation_checkpointing
 log = logging.getLogger("qexp.plan")
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = Path(__file__).with_name("archs")  # config.json of the hub models, for offline plans
-STAGES = ("load", "base", "attach", "train", "merge", "eval")
+STAGES = ("load", "base", "attach", "train", "optimizer", "merge", "eval")
 GIB = 2**30
 
 
@@ -104,8 +105,10 @@ def compose_cells(overrides: list[str], multirun: bool) -> list[Cell]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         if multirun:
             hcfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+            fixed_keys = {o.get_key_element() for o in parsed if not o.is_sweep_override()}
             for key, value in (hcfg.hydra.sweeper.params or {}).items():
-                axes[key] = [v.strip() for v in str(value).split(",")]
+                if key not in fixed_keys:  # the command line wins, as in qexp.run
+                    axes[key] = [v.strip() for v in str(value).split(",")]
         for o in parsed:
             if o.is_sweep_override():
                 if not multirun:
@@ -152,6 +155,7 @@ class Planner:
                for t in self.tokens}
         probe = torch.randint(0, arch.vocab_size, (1, cfg.eval.merge_check_tokens)).to(self.device)
         peaks: dict[str, dict[int, float]] = {}
+        traces: dict[int, list[int]] = {}  # live bytes after each op of forward + backward, per τ
         secs: dict[str, float] = {}
         pristine = self.pristine(arch, dtype, k)
         rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "grid": min(cfg.quant.grid, 2)})
@@ -192,13 +196,29 @@ class Planner:
                 trainer = Trainer(model, method, cfg, self.device)
 
                 def steps(t: int, n: int) -> None:
+                    """Two peaks per step, each linear in tokens (their max is not): forward +
+                    backward ("train"), then clipping + optimizer step ("optimizer")."""
+                    phases: dict[str, list[float]] = {"train": [], "optimizer": []}
+
+                    def backward(loss: torch.Tensor) -> None:
+                        loss.backward()
+                        phases["train"].append(mem.peak())
+                        traces[t], mem.timeline = mem.timeline, None
+                        mem.reset_peak()
+
                     for _ in range(n):
-                        trainer.step(lambda: model(input_ids=ids[t], labels=ids[t], use_cache=False).loss,
-                                     lambda loss: loss.backward())
+                        mem.reset_peak()
+                        mem.timeline = []
+                        trainer.step(lambda: model(input_ids=ids[t], labels=ids[t], use_cache=False).loss, backward)
+                        phases["optimizer"].append(mem.peak())
+                    for name, values in phases.items():
+                        peaks.setdefault(name, {})[t] = max(values)
 
                 with activation_checkpointing(model, cfg.train.gradient_checkpointing):
-                    stage("train", t1, lambda: steps(t1, 2))  # the first step allocates the optimizer state
-                    stage("train", t2, lambda: steps(t2, 1))
+                    t0 = time.perf_counter()
+                    steps(t1, 2)  # the first step allocates the optimizer state
+                    steps(t2, 1)
+                    secs["train"] = time.perf_counter() - t0
                 del trainer
                 model.eval()
             stage("merge", None, lambda: adapt.merge(model, probe))
@@ -211,7 +231,7 @@ class Planner:
                 fresh = get_method(cfg.method.name)(method_config(cfg), spec)
                 adapt.attach(twin, fresh, twin_targets, rtn_base, lambda: ids[t2], None)
                 peaks["attach"][t2] = mem2.peak()
-        return {**peaks, "seconds": secs}
+        return {**peaks, "seconds": secs, "traces": {"train": traces} if traces else {}}
 
     @staticmethod
     def _layout(cfg: DictConfig, spec: QuantSpec, k: int, tau: int) -> str:
@@ -246,7 +266,7 @@ class Planner:
                 "method": cfg.method.name, "bits": cfg.bits, "group_size": cfg.group_size,
                 "dtype": cfg.model.dtype, "layers": n_layers, "tokens": real, "stages_mb": stages,
                 "peak_mb": stages[peak_stage], "peak_stage": peak_stage, "measured_as": measured_as,
-                "measured_mb": {f"k{k}": {s: v for s, v in r.items() if s != "seconds"} for k, r in runs.items()},
+                "measured_mb": {f"k{k}": {s: r[s] for s in STAGES if s in r} for k, r in runs.items()},
                 "seconds": {f"k{k}": {s: round(v, 1) for s, v in r["seconds"].items()} for k, r in runs.items()},
                 "plan_s": round(time.perf_counter() - t0, 1)}
 
@@ -257,16 +277,24 @@ def stage_tokens(cfg: DictConfig) -> dict[str, int]:
     calib = min(q.calib_samples, CALIB_BATCH) * q.calib_seqlen
     if "calib_batch" in cfg.method:  # methods that run their own calibration forwards (QWHA)
         calib = max(calib, cfg.method.calib_batch * q.calib_seqlen)
-    return {"load": 0, "base": calib, "attach": calib, "train": t.batch_size * t.seqlen,
+    return {"load": 0, "base": calib, "attach": calib, "train": t.batch_size * t.seqlen, "optimizer": 0,
             "merge": e.merge_check_tokens, "eval": e.batch_size * e.seqlen}
 
 
 def extrapolate(runs: dict, stage: str, layers: int, tokens: int, ks: tuple[int, int],
                 taus: tuple[int, int]) -> float:
-    """``a + b·k + c·T + d·k·T`` through the four measured points, at (``layers``, ``tokens``)."""
+    """``a + b·k + c·T + d·k·T`` through the four measured points, at (``layers``, ``tokens``).
+
+    A stage with op-by-op traces (training's forward + backward) is extrapolated in tokens moment
+    by moment, then maximised: its peak is a max over moments, each linear in tokens, and at a few
+    tokens it sits at a different moment (weight-sized temporaries) than at thousands (activations)."""
     (k1, k2), (t1, t2) = ks, taus
 
     def at_tokens(k: int) -> float:
+        trace = runs[k].get("traces", {}).get(stage)
+        if trace and len(trace[t1]) == len(trace[t2]):  # the same ops at both token counts
+            lo, hi = torch.tensor(trace[t1], dtype=torch.float64), torch.tensor(trace[t2], dtype=torch.float64)
+            return float((lo + (hi - lo) * (tokens - t1) / (t2 - t1)).max()) / MB
         lo, hi = runs[k][stage][t1], runs[k][stage][t2]
         return lo + (hi - lo) * (tokens - t1) / (t2 - t1)
 

@@ -12,7 +12,7 @@ from qexp.bench.measure import MB, TensorMemory
 from qexp.bench.worker import compose_cfg
 from qexp.config import ConfigError
 from qexp.methods import registry
-from qexp.plan import Planner, arch_config, compose_cells, extrapolate, main
+from qexp.plan import STAGES, Planner, arch_config, compose_cells, extrapolate, main
 
 
 def test_meter_counts_new_storages_not_views_and_forgets_freed_ones():
@@ -45,10 +45,12 @@ def test_one_and_two_layers_predict_four_and_six(method):
     big = Planner((4, 6), (64, 128))
     for k in big.layers:
         measured = big.measure(cfg, arch, k)
-        for stage in ("load", "base", "attach", "train", "eval"):
+        for stage in ("load", "base", "attach", "train", "optimizer", "eval"):
             if stage in measured:  # base: GPTQ only (lota, qwha)
                 pred = extrapolate(runs, stage, k, 128, small.layers, small.tokens)
-                assert pred == pytest.approx(measured[stage][128], rel=0.02), (method, stage, k)
+                # the optimizer phase is a few MB here; QWHA's per-layer coefficient counts vary (3 % at 6 layers)
+                rel = 0.05 if stage == "optimizer" else 0.02
+                assert pred == pytest.approx(measured[stage][128], rel=rel), (method, stage, k)
 
 
 def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
@@ -57,7 +59,8 @@ def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
         peaks = []
         for bits in (2, 4):
             cfg = compose_cfg(method, ["model=tiny_random", f"bits={bits}"])
-            peaks.append({s: v for s, v in planner.measure(cfg, arch_config(cfg), 2).items() if s != "seconds"})
+            measured = planner.measure(cfg, arch_config(cfg), 2)
+            peaks.append({s: measured[s] for s in STAGES if s in measured})
         for stage, by_tokens in peaks[0].items():
             for tau, mb in by_tokens.items():
                 # QWHA's AdaAlloc splits its budget by each layer's quantization error

@@ -75,7 +75,8 @@ def check(method: str, arch_model: str, dtype: str, batch: int, seqlen: int, dev
         row["eval_mb"] = mem.peak()
     if m.TRAINS:
         runs = {k: planner.measure(cfg, arch_config(cfg), k) for k in planner.layers}
-        row["plan_train_mb"] = extrapolate(runs, "train", 2, batch * seqlen, planner.layers, planner.tokens)
+        row["plan_train_mb"] = max(extrapolate(runs, "train", 2, batch * seqlen, planner.layers, planner.tokens),
+                                   extrapolate(runs, "optimizer", 2, 0, planner.layers, planner.tokens))
         row["plan_error_pct"] = 100 * (row["plan_train_mb"] / row["train_mb"] - 1)
     return row
 

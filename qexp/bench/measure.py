@@ -159,6 +159,7 @@ class TensorMemory(TorchDispatchMode):
         self.device = None if device is None else torch.device(device).type
         self.live: dict[int, int] = {}
         self.bytes = self.peak_bytes = 0
+        self.timeline: list[int] | None = None  # a list: live bytes after every op (qexp.plan's traces)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -168,6 +169,8 @@ class TensorMemory(TorchDispatchMode):
             if (isinstance(t, torch.Tensor) and t.device.type != "meta" and self.device in (None, t.device.type)
                     and t.untyped_storage()._cdata not in inputs):
                 self._add(t.untyped_storage())
+        if self.timeline is not None:
+            self.timeline.append(self.bytes)
         return out
 
     def _add(self, storage: torch.UntypedStorage) -> None:

@@ -307,10 +307,12 @@ def validation(planner: Planner, cell: Cell, layers: tuple[int, int], tokens: in
     measured run at the same widths, stage by stage, at ``tokens`` per stage."""
     cfg, arch = cell.cfg, arch_config(cell.cfg)
     small = {k: planner.measure(cfg, arch, k) for k in planner.layers}
+    planner.models.clear()  # host memory: a 7B layer is 0.4 GB in bf16, and each measure copies it
     big = Planner(layers, (tokens // 2, tokens), planner.device)
     rows = []
     for k in layers:
         measured = big.measure(cfg, arch, k)
+        big.models.clear()
         for stage in STAGES:
             if stage in measured:
                 t = cfg.eval.merge_check_tokens if stage == "merge" else tokens

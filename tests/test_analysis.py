@@ -278,3 +278,15 @@ def test_a_table_uses_only_its_own_experiments_when_present(res):
     assert any("lota_t1_embedded only" in n for n in t.notes)
     mixed = analysis.table(pd.concat([res.df, other], ignore_index=True), "lota_t1")  # no own sweep: all cells
     assert not mixed.values.set_index(["bits", "column", "method"])["ours"].equals(base)
+
+
+def test_every_model_config_is_named_in_the_table_registry():
+    """A paper-scale model missing from tables.yaml would print its cells beside no paper row."""
+    from qexp.analysis.tables import registry
+
+    names = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")}
+    missing = names - set(registry()["models"])
+    assert not missing, f"conf/model/ models not in qexp/analysis/tables.yaml models: {sorted(missing)}"
+    csv_models = set(pd.read_csv(ROOT / "qexp" / "analysis" / "paper_tables.csv", dtype=str)["model"])
+    for model, aliases in registry()["models"].items():
+        assert set(aliases or []) <= csv_models, (model, aliases)

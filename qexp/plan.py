@@ -129,20 +129,18 @@ class Planner:
     def __init__(self, layers: tuple[int, int] = (1, 2), tokens: tuple[int, int] = (32, 64),
                  device: str = "cpu") -> None:
         self.layers, self.tokens, self.device = layers, tokens, torch.device(device)
-        self.models: dict[tuple, torch.nn.Module] = {}  # pristine random models, by (arch, dtype, k)
         self.bases: dict[str, float] = {}  # measured base-quantization peaks, by grid layout
         self.cells: dict[str, tuple[dict, str]] = {}  # measurements, by config without bits
 
-    def pristine(self, arch: PretrainedConfig, dtype: torch.dtype, k: int) -> torch.nn.Module:
-        """The random ``k``-layer model, built once per plan (cells measure a copy of it)."""
-        key = (arch.to_json_string(), dtype, k)
-        if key not in self.models:
-            torch.manual_seed(0)
-            c = copy.deepcopy(arch)
-            c.num_hidden_layers = k
-            model = AutoModelForCausalLM.from_config(c, dtype=dtype).to(self.device)
-            self.models[key] = model.eval().requires_grad_(False)
-        return self.models[key]
+    def build(self, arch: PretrainedConfig, dtype: torch.dtype, k: int) -> torch.nn.Module:
+        """The random ``k``-layer model, the same weights at every call (seed 0). Built anew for each
+        measurement instead of copied from a kept one: at Llama-3.1-8B's widths a 2-layer model holds
+        3 GB of host memory, and the plan of a QWHA cell was OOM-killed at 14 GB with a kept copy."""
+        torch.manual_seed(0)
+        c = copy.deepcopy(arch)
+        c.num_hidden_layers = k
+        model = AutoModelForCausalLM.from_config(c, dtype=dtype).to(self.device)
+        return model.eval().requires_grad_(False)
 
     def measure(self, cfg: DictConfig, arch: PretrainedConfig, k: int) -> dict[str, dict[int, float]]:
         """Peak MB of each stage of one cell at ``k`` layers, per token count ``τ`` (a stage that
@@ -157,7 +155,6 @@ class Planner:
         peaks: dict[str, dict[int, float]] = {}
         traces: dict[int, list[int]] = {}  # live bytes after each op of forward + backward, per τ
         secs: dict[str, float] = {}
-        pristine = self.pristine(arch, dtype, k)
         rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "grid": min(cfg.quant.grid, 2)})
         mem = TensorMemory(self.device)
 
@@ -170,7 +167,7 @@ class Planner:
             secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
 
         with mem:
-            model = copy.deepcopy(pristine)
+            model = mem.adopt(self.build(arch, dtype, k))
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))
             check_group_size(cfg.group_size, {n: t.in_features for n, t in targets.items()})
@@ -224,9 +221,10 @@ class Planner:
             stage("merge", None, lambda: adapt.merge(model, probe))
             for t in self.tokens:
                 stage("eval", t, lambda t=t: perplexity(model, ids[t].reshape(-1), t, 1, 1))
+        model = targets = None  # host memory: the twin below is another full model
         if method.NEEDS_CALIB:  # the calibration forwards at τ2 too, on a fresh copy
             with TensorMemory(self.device) as mem2:
-                twin = copy.deepcopy(pristine)
+                twin = mem2.adopt(self.build(arch, dtype, k))
                 twin_targets = models.targets(twin, list(cfg.model.targets))
                 fresh = get_method(cfg.method.name)(method_config(cfg), spec)
                 adapt.attach(twin, fresh, twin_targets, rtn_base, lambda: ids[t2], None)
@@ -307,12 +305,10 @@ def validation(planner: Planner, cell: Cell, layers: tuple[int, int], tokens: in
     measured run at the same widths, stage by stage, at ``tokens`` per stage."""
     cfg, arch = cell.cfg, arch_config(cell.cfg)
     small = {k: planner.measure(cfg, arch, k) for k in planner.layers}
-    planner.models.clear()  # host memory: a 7B layer is 0.4 GB in bf16, and each measure copies it
     big = Planner(layers, (tokens // 2, tokens), planner.device)
     rows = []
     for k in layers:
         measured = big.measure(cfg, arch, k)
-        big.models.clear()
         for stage in STAGES:
             if stage in measured:
                 t = cfg.eval.merge_check_tokens if stage == "merge" else tokens

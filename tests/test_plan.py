@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -33,6 +34,21 @@ def test_meter_matches_the_bytes_of_a_model_it_builds():
         lin = torch.nn.Linear(256, 512, dtype=torch.bfloat16)
     assert mem.now() * MB == (256 * 512 + 512) * 2
     del lin
+
+
+def test_meter_adopts_a_model_built_outside_it_as_if_built_inside():
+    """The plan builds each model outside the meter (its init temporaries are not a stage) and
+    adopts it: its parameters and buffers, shared (tied) storages counted once."""
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 64), torch.nn.Linear(64, 300, bias=False))
+    model[1].weight = model[0].weight  # tied
+    model.register_buffer("inv_freq", torch.ones(16), persistent=False)
+    with TensorMemory() as copied:
+        twin = copy.deepcopy(model)
+    with TensorMemory() as adopted:
+        adopted.adopt(model)
+    assert adopted.now() * MB == (300 * 64 + 16) * 4
+    assert copied.now() * MB == 300 * 64 * 4  # a deep copy's buffers bypass the dispatcher: 64 B missed
+    del twin
 
 
 @pytest.mark.parametrize("method", ["lota", "lrqat", "qwha"])

@@ -173,6 +173,14 @@ class TensorMemory(TorchDispatchMode):
             self.timeline.append(self.bytes)
         return out
 
+    def adopt(self, module: nn.Module) -> nn.Module:
+        """Count ``module``'s parameters and buffers as live, as if it had been created inside the
+        mode (a model built outside the meter, so that its initialisation's temporaries are not)."""
+        for t in [*module.parameters(), *module.buffers()]:
+            if self.device in (None, t.device.type):
+                self._add(t.untyped_storage())
+        return module
+
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata
         if key not in self.live:

@@ -157,8 +157,10 @@ def peak_memory_mb() -> dict:
     return out
 
 
-class Interrupted(RuntimeError):
-    """SIGTERM arrived outside training (inside training, qexp.train checkpoints first)."""
+class Interrupted(BaseException):
+    """SIGTERM arrived outside training (inside training, qexp.train checkpoints first). A
+    BaseException, as KeyboardInterrupt: no ``except Exception`` on the way (logging, lazy imports,
+    Hydra's job runner) may swallow or rewrap it."""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -166,20 +168,36 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def collapse_warnings(rec: dict, vocab: int) -> list[str]:
-    """Why the record's final model looks degenerate: a final perplexity at or above the
-    vocabulary size (what a uniform guess scores), or training losses that end flat at or above
-    log(vocab) (no better than uniform). Empty if neither."""
+    """Why the record's final model looks degenerate when its starting point was not: a final
+    perplexity within 1 % of the vocabulary size or above (a uniform guess scores exactly the
+    vocabulary size) where the base scored below that (or was not measured), or training losses
+    that end at or above 0.98 log(vocab) (no better than uniform) after starting below. Empty if
+    neither; a model that was uniform from the start (a random one) is not a collapse."""
     out = []
     for key, ppl in rec["metrics"].items():
-        if key.startswith("ppl/") and key.endswith("/final") and not ppl < vocab:
-            base = rec["metrics"].get(key.removesuffix("final") + "base")
-            out.append(f"collapsed: {key}={ppl:.6g} >= vocabulary size {vocab} (a uniform guess scores {vocab})"
+        base = rec["metrics"].get(key.removesuffix("final") + "base")
+        if key.startswith("ppl/") and key.endswith("/final") and not ppl < 0.99 * vocab \
+                and (base is None or base < 0.99 * vocab):
+            out.append(f"collapsed: {key}={ppl:.6g}, the vocabulary size {vocab} or near it (a uniform guess)"
                        + (f"; at init it was {base:.6g}" if base is not None else ""))
-    tail = (rec.get("train") or {}).get("losses", [])[-5:]
-    if len(tail) >= 3 and not min(tail) < 0.98 * math.log(vocab):
+    losses = (rec.get("train") or {}).get("losses") or []
+    tail, flat = losses[-5:], 0.98 * math.log(vocab)
+    if len(tail) >= 3 and losses[0] < flat and not min(tail) < flat:
         out.append(f"collapsed: the last {len(tail)} training losses ({min(tail):.4g} to {max(tail):.4g}) are "
-                   f"no lower than log(vocabulary size) = {math.log(vocab):.4g}")
+                   f"no lower than log(vocabulary size) = {math.log(vocab):.4g} (a uniform guess); "
+                   f"the first was {losses[0]:.4g}")
     return out
+
+
+def _stopped(e: BaseException | None) -> bool:
+    """A stop signal, also one that a library wrapped in its own error (transformers' lazy imports do)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if type(e).__name__ in STOPS:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Record:
@@ -262,7 +280,7 @@ class Record:
             yield self
             self.data["status"] = "ok"
         except BaseException as e:
-            stopped = type(e).__name__ in STOPS
+            stopped = _stopped(e)
             self.data["status"] = "preempted" if stopped else "failed"
             self.data["error"] = f"{type(e).__name__}: {e}"
             self.data["traceback"] = traceback.format_exc()

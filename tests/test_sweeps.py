@@ -200,3 +200,37 @@ def test_a_stop_signal_ends_the_sweep_but_an_ordinary_failure_does_not():
     import atexit
 
     atexit.unregister(cb._summary)  # no failure summary printed at the end of the test session
+
+
+def test_cell_ids_leave_out_what_the_method_does_not_use(cfg_factory):
+    from qexp.results import cell_id
+
+    assert cell_id(cfg_factory("method=rtn", "train.steps=10", "train.lr=1")) == cell_id(cfg_factory("method=rtn"))
+    assert cell_id(cfg_factory("method=gptq", "train.seqlen=128")) == cell_id(cfg_factory("method=gptq"))
+    assert cell_id(cfg_factory("method=peqa", "train.steps=10")) != cell_id(cfg_factory("method=peqa"))
+
+
+def test_every_committed_record_keeps_its_id():
+    from omegaconf import OmegaConf
+
+    from qexp.config import Config
+    from qexp.results import cell_dir
+
+    paths = sorted((ROOT / "results").rglob("result.json"))
+    assert len(paths) > 50
+    for path in paths:
+        rec = json.loads(path.read_text())
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), rec["config"])
+        assert cell_dir(cfg).name == path.parent.name, path  # rerunning the config finds this record
+
+
+def test_a_record_under_its_old_id_is_still_found(cfg_factory):
+    from qexp.results import cell_dir
+
+    cfg = cfg_factory("method=rtn", "train.steps=10")
+    first = run_cell(cfg)
+    old = cell_dir(cfg, legacy=True)  # the id train.steps gave it before
+    assert old != Path(first["dir"])
+    Path(first["dir"]).rename(old)
+    again = run_cell(cfg)
+    assert again["started"] == first["started"] and not Path(first["dir"]).exists()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from . import adapt, data, export, models
 from .config import check_group_size, method_config, register
 from .eval import accuracy, perplexity
+from .eval.lmeval import suite_note
 from .methods import get as get_method
 from .preflight import check
 from .quant import QuantSpec
@@ -124,9 +125,12 @@ def summary(rec: dict) -> str:
     for suite in c["eval"].get("suites", {}):
         for metric in ("acc", "acc_norm"):
             stages = [s for s in ("fp", "base", "unmerged", "final") if f"{metric}/{suite}/{s}" in rec["metrics"]]
+            notes = {s: suite_note(rec["eval"].get("lm_eval", {}).get(s, {}), suite, metric) for s in stages}
+            values = [f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}" + (f"±{se:.4f}" if se else "")
+                      for s, (se, _) in notes.items()]  # value ± standard error
             if stages:
-                lines.append(f"  {metric} {suite}: " + "  ".join(f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}"
-                                                             for s in stages))
+                items = notes[stages[-1]][1]
+                lines.append(f"  {metric} {suite}: " + "  ".join(values) + (f"  ({items})" if items else ""))
     m = rec["merge"]
     lines.append(f"  merge: deployed={m.get('deployed')} lossless={m.get('lossless')} "
                  f"max|Δlogit|={m.get('max_abs_logit_diff', float('nan')):.3g}")

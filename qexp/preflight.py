@@ -64,7 +64,7 @@ def target_widths(model: DictConfig, cache_dir: str) -> dict[str, int] | None:
     """``in_features`` of each targeted projection (Llama-style names), from the model's config;
     None where the config cannot be read without loading the model (a hub id not in the cache)."""
     arch = arch_dict(model, cache_dir)
-    if arch is None:
+    if arch is None or not {"hidden_size", "num_attention_heads", "intermediate_size"} <= set(arch):
         log.info("model=%s: shapes unknown before loading; group_size is checked after loading", model.name)
         return None
     hidden, heads = arch["hidden_size"], arch["num_attention_heads"]
@@ -107,14 +107,16 @@ def _gguf_config(path: str) -> dict:
 
 @cache
 def _hub_config(path: str, name: str) -> dict | None:
-    """The hub model's config from the local hub cache, else ``qexp/archs/<name>.json``, else None."""
+    """The hub model's config from the local hub cache, else ``qexp/archs/<name>.json`` if that is
+    the same hub id, else None."""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
     except (OSError, ValueError):
         known = ARCHS / f"{name}.json"
-        return json.loads(known.read_text()) if known.exists() else None
+        arch = json.loads(known.read_text()) if known.exists() else {}
+        return arch if arch.get("_name_or_path") == path else None
 
 
 def check_sweep(config: DictConfig) -> tuple[list[tuple[list[str], str]], int]:

@@ -76,12 +76,19 @@ def _non_default(node: DictConfig, default: dict | None) -> dict:
     return out
 
 
+GPTQ_ONLY = ("quant.calib_samples", "quant.calib_seqlen", "quant.damp", "quant.act_order")
+
+
 def unused(cfg: DictConfig) -> tuple[str, ...]:
-    """Config sections the cell's method never reads: ``train`` for a method that does not train."""
+    """Config values the cell never reads: ``train`` for a method that does not train, and the
+    calibration settings where nothing calibrates (an RTN base and a method without calibration)."""
     from .methods import registry
 
     cls = registry().get(cfg.method.get("name"))
-    return ("train",) if cls is not None and not cls.TRAINS else ()
+    if cls is None:
+        return ()
+    calibrates = cls.NEEDS_CALIB or (cls.NEEDS_BASE and cfg.quant.init == "gptq")
+    return ((() if cls.TRAINS else ("train",)) + (() if calibrates else GPTQ_ONLY))
 
 
 def cell_id(cfg: DictConfig, legacy: bool = False) -> str:

@@ -208,6 +208,9 @@ def test_cell_ids_leave_out_what_the_method_does_not_use(cfg_factory):
     assert cell_id(cfg_factory("method=rtn", "train.steps=10", "train.lr=1")) == cell_id(cfg_factory("method=rtn"))
     assert cell_id(cfg_factory("method=gptq", "train.seqlen=128")) == cell_id(cfg_factory("method=gptq"))
     assert cell_id(cfg_factory("method=peqa", "train.steps=10")) != cell_id(cfg_factory("method=peqa"))
+    assert cell_id(cfg_factory("method=peqa", "quant.damp=0.1")) == cell_id(cfg_factory("method=peqa"))  # RTN base
+    assert cell_id(cfg_factory("method=gptq", "quant.damp=0.1")) != cell_id(cfg_factory("method=gptq"))
+    assert cell_id(cfg_factory("method=qwha", "quant.calib_samples=8")) != cell_id(cfg_factory("method=qwha"))
 
 
 def test_every_committed_record_keeps_its_id():

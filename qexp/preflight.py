@@ -91,6 +91,9 @@ def arch_dict(model: DictConfig, cache_dir: str) -> dict[str, Any] | None:
         raise ConfigError(f"model={model.name}: model.source=hub needs model.path (a hub id or a local directory)")
     local = Path(model.path).expanduser()
     if local.is_dir() or model.path.startswith((".", "/", "~")):
+        if not local.exists():
+            raise ConfigError(f"model.path={model.path!r} does not exist (a local directory, or a hub id like "
+                              "'meta-llama/Llama-2-7b-hf')")
         if not (local / "config.json").is_file():
             raise ConfigError(f"model.path={model.path!r} is not a checkpoint directory (no config.json in it); "
                               "give a directory saved by save_pretrained, or a hub id like 'meta-llama/Llama-2-7b-hf'")

@@ -1,10 +1,11 @@
 """Result records: one ``result.json`` per cell, in a directory named by the cell's identity.
 
 A cell is identified by a hash of its resolved config minus the fields that do not change
-its result (where it is written, W&B settings, cache paths, ``force``) and the sections its method
-does not read (``train`` for a method that does not train). Writes are atomic (temp file +
-rename), so a reader never sees a half-written record. A running cell holds a lock
-(:mod:`qexp.lock`), so several launches of one sweep share its cells.
+its result (where it is written, W&B settings, cache paths, ``force``) and the values the cell
+does not read (:func:`unused`: ``train`` for a method that does not train, GPTQ's calibration
+settings where nothing calibrates). Writes are atomic (temp file + rename), so a reader never
+sees a half-written record. A running cell holds a lock (:mod:`qexp.lock`), so several launches
+of one sweep share its cells.
 
 Status: ``running``, ``ok``, ``failed`` (an error), ``preempted`` (a stop signal or Ctrl-C: the
 same command resumes it; ``preempted`` says the stage, step and checkpoint). An ``ok`` record
@@ -291,18 +292,22 @@ class Record:
             self.data["status"] = "preempted" if stopped else "failed"
             self.data["error"] = f"{type(e).__name__}: {e}"
             self.data["traceback"] = traceback.format_exc()
-            if stopped:
-                self.data["preempted"] = {"stage": self.stage, "step": self._step(getattr(e, "step", None)),
+            if stopped:  # a stop inside training carries its step (qexp.train.Preempted)
+                step = getattr(e, "step", None)
+                self.data["preempted"] = {"stage": "train" if step is not None else self.stage,
+                                          "step": self._step(step),
                                           "checkpoint": str(self.checkpoint) if self.checkpoint.exists() else None}
             raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            self.release()
             self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             self.data["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
             self.data["memory"] = peak_memory_mb()
-            write_json(self.path, self.data)
+            try:
+                write_json(self.path, self.data)
+            finally:  # after the record: a launch that takes the lock next reads the final status
+                self.release()
 
     def _step(self, step: int | None) -> int:
         """The training step reached: the stop's own, else the finished training's, else the checkpoint's."""

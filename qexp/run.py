@@ -16,9 +16,11 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from . import adapt, data, export, models
-from .config import check_group_size, method_config, register, validate
+from .config import check_group_size, method_config, register
 from .eval import accuracy, perplexity
+from .eval.lmeval import suite_note
 from .methods import get as get_method
+from .preflight import check
 from .quant import QuantSpec
 from .results import Record
 from .tracking import wandb_run
@@ -35,18 +37,24 @@ def run_cell(cfg: DictConfig) -> dict:
 
     A cell whose record says ``ok`` is skipped (``force=true`` reruns it); one done with the same
     id in another sweep under ``results_dir`` is copied (``reused_from``); an interrupted cell
-    resumes from its last training checkpoint.
+    resumes from its last training checkpoint. A cell another launch is running (its lock is live)
+    is left to it. Every value, file and shape is checked first: a config error writes nothing.
     """
+    check(cfg)
     rec = Record(cfg)
+    if not rec.claim():
+        log.info("skip %s: another launch is running it (%s)", rec.dir, rec.data["lock"])
+        return rec.data
     done = None if cfg.force else rec.previous if rec.previous.get("status") == "ok" else rec.reuse()
     if done:
+        rec.release()
         log.info("skip %s: already done%s (force=true reruns)", rec.dir,
                  f" in {done['reused_from']}" if done.get("reused_from") else "")
         if cfg.export.formats:
             log.warning("export not written for a done cell: `python -m qexp.export %s` (or force=true)", rec.dir)
         return done
     with rec.open():
-        validate(cfg)
+        log.info("run %s", rec.dir)
         with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
@@ -94,6 +102,7 @@ def run_cell(cfg: DictConfig) -> dict:
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")
+            rec.check_collapse(model.config.vocab_size)
             if cfg.export.formats:
                 with rec.timer("export"):
                     rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
@@ -107,15 +116,21 @@ def summary(rec: dict) -> str:
     c = rec["config"]
     lines = [f"cell {rec['cell_id']}: method={c['method']['name']} model={c['model']['name']} bits={c['bits']} "
              f"group_size={c['group_size']} status={rec['status']}"]
+    if rec["status"] == "locked":
+        return lines[0] + f" (running in another launch: {rec['lock']})"
+    lines += [f"  WARNING {w}" for w in rec.get("warnings", [])]
     for name in c["data"]["eval"]:
         stages = [s for s in ("fp", "base", "unmerged", "final") if f"ppl/{name}/{s}" in rec["metrics"]]
         lines.append(f"  ppl {name}: " + "  ".join(f"{s} {rec['metrics'][f'ppl/{name}/{s}']:.3f}" for s in stages))
     for suite in c["eval"].get("suites", {}):
         for metric in ("acc", "acc_norm"):
             stages = [s for s in ("fp", "base", "unmerged", "final") if f"{metric}/{suite}/{s}" in rec["metrics"]]
+            notes = {s: suite_note(rec["eval"].get("lm_eval", {}).get(s, {}), suite, metric) for s in stages}
+            values = [f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}" + (f"±{se:.4f}" if se else "")
+                      for s, (se, _) in notes.items()]  # value ± standard error
             if stages:
-                lines.append(f"  {metric} {suite}: " + "  ".join(f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}"
-                                                             for s in stages))
+                items = notes[stages[-1]][1]
+                lines.append(f"  {metric} {suite}: " + "  ".join(values) + (f"  ({items})" if items else ""))
     m = rec["merge"]
     lines.append(f"  merge: deployed={m.get('deployed')} lossless={m.get('lossless')} "
                  f"max|Δlogit|={m.get('max_abs_logit_diff', float('nan')):.3g}")
@@ -126,10 +141,11 @@ def summary(rec: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     rec = run_cell(cfg)
     print(summary(rec))
     print(f"  result: {rec['dir']}/result.json")
+    return rec  # to the sweep's report (qexp.callbacks)
 
 
 if __name__ == "__main__":

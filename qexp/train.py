@@ -38,6 +38,10 @@ class NonFiniteLoss(RuntimeError):
 class Preempted(RuntimeError):
     """A stop signal arrived; the checkpoint is saved and a rerun resumes from it."""
 
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # optimizer steps done
+
 
 def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, seed: int,
           ckpt: Path | None = None, log: Callable[[dict, int], None] = lambda m, s: None) -> dict:
@@ -75,10 +79,11 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log({"train/loss": total, "train/lr": sched.get_last_lr()[0]}, step + 1)
             due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-            if ckpt and step + 1 < cfg.steps and (due or stop.is_set()):
+            if ckpt and ((due and step + 1 < cfg.steps) or stop.is_set()):  # a stop at the last step too
                 _save(ckpt, acc.unwrap_model(model), opt, sched, step + 1, losses)
             if stop.is_set():
-                raise Preempted(f"stop signal at step {step + 1}/{cfg.steps}; rerun the same command to resume")
+                raise Preempted(f"stop signal at step {step + 1}/{cfg.steps}; rerun the same command to resume",
+                                step + 1)
     model.eval()
     acc.free_memory()
     return {"losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps, "resumed_from": start}
@@ -134,12 +139,20 @@ def _activation_checkpointing(model: nn.Module, on: bool):
 
 @contextmanager
 def _stop_signals():
-    """An Event set by SIGTERM / SIGUSR1 (cluster preemption) while training runs."""
+    """An Event set by SIGTERM / SIGUSR1 (cluster preemption) or a first Ctrl-C while training runs
+    (a second Ctrl-C interrupts at once)."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+
+    def first_ctrl_c(*_) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now)")
+
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, first_ctrl_c)
     try:
         yield stop
     finally:

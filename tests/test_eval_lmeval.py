@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_run_cell_records_accuracy_at_base_and_final(cfg_factory):
     # RTN's merge changes nothing, so the quantized base and the merged model score the same
     assert m["acc/pair/base"] == m["acc/pair/final"]
     assert "acc pair: base" in summary(rec)
+    se = math.sqrt(sum(rec["eval"]["lm_eval"]["final"]["results"][t]["acc_stderr"] ** 2
+                       for t in ("qexp_piqa", "qexp_arc_standin"))) / 2  # the standard error of a 2-task mean
+    assert f"final {m['acc/pair/final']:.4f}±{se:.4f}  (4 items per task (eval.limit=4))" in summary(rec)
 
 
 def test_accuracy_leaves_global_rngs_alone():

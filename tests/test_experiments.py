@@ -1,4 +1,4 @@
-"""Every named paper reproduction composes, validates, and sweeps over real methods and bits."""
+"""Every named paper reproduction composes, passes the preflight, and sweeps over real methods and bits."""
 
 from pathlib import Path
 
@@ -6,8 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from qexp.config import BITS, validate
+from qexp.config import BITS
 from qexp.methods import registry
+from qexp.preflight import check
 
 from .conftest import CONF
 
@@ -32,7 +33,7 @@ def test_experiment_composes_and_validates(name):
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cell = compose(config_name="config", overrides=[f"+experiment={name}", f"method={method}"])
         assert cell.method.name in registry() and method.split("/")[-1] == cell.method.name
-        validate(cell)
+        check(cell)  # the whole preflight a run does: values, files, shapes, tasks
     if name.endswith("_embedded"):
         assert cfg.model.name == "smollm2_135m" and cfg.data.name == "embedded"
     else:

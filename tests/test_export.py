@@ -234,10 +234,12 @@ def test_bad_formats_and_bit_widths_are_clear_errors(cfg_factory):
 
 
 def test_exporting_a_failed_cell_or_a_foreign_dir_is_a_clear_error(cfg_factory, tmp_path, capsys):
-    cfg = cfg_factory("group_size=48")
+    texts = tmp_path / "texts.jsonl"  # a column only reading the file finds missing: the cell fails at work
+    texts.write_text('{"text": "a sentence."}\n')
+    cfg = cfg_factory("data.eval.xsum.kind=files", f"data.eval.xsum.files=[{texts}]", "data.eval.xsum.column=nope")
     with pytest.raises(ConfigError):
         run_cell(cfg)
-    with pytest.raises(ExportError, match="status='failed' .*group_size=48.*no merged model to export"):
+    with pytest.raises(ExportError, match="status='failed' .*column='nope'.*no merged model to export"):
         export_cell(cell_dir(cfg))
     assert main([str(cell_dir(cfg))]) == 2 and "status='failed'" in capsys.readouterr().err
     with pytest.raises(ExportError, match="no result.json"):

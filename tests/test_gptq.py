@@ -161,4 +161,4 @@ def test_quant_cache_switch_keeps_the_cell_id(cfg_factory):
     from qexp.results import cell_id
 
     assert cell_id(cfg_factory("quant.cache=false")) == cell_id(cfg_factory())
-    assert cell_id(cfg_factory("quant.damp=0.1")) != cell_id(cfg_factory())
+    assert cell_id(cfg_factory("quant.init=gptq", "quant.damp=0.1")) != cell_id(cfg_factory("quant.init=gptq"))

@@ -89,14 +89,22 @@ def test_unknown_method_key_names_valid_keys(cfg_factory):
         validate(cfg)
 
 
-def test_group_size_that_does_not_divide_a_layer_is_recorded_as_failed(cfg_factory):
-    cfg = cfg_factory("group_size=48")  # tiny_random layers have d_in 64 and 128
+def test_group_size_that_does_not_divide_a_layer_is_refused_before_work(cfg_factory):
+    cfg = cfg_factory("group_size=48")  # tiny_random layers have d_in 64 and 128 (read from model.random)
     with pytest.raises(ConfigError, match="group_size=48 does not divide .*in_features=64; valid for this model: "
                                           "16, 32, 64, -1"):
         run_cell(cfg)
-    rec = next(Path(cfg.results_dir).rglob("result.json"))
-    data = read(rec)
-    assert data["status"] == "failed" and "group_size=48" in data["error"] and "Traceback" in data["traceback"]
+    assert not Path(cfg.results_dir).exists()  # a config error writes no record
+
+
+def test_an_error_during_the_work_is_recorded_as_failed(cfg_factory, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "a sentence."}\n')
+    cfg = cfg_factory("data.eval.xsum.kind=files", f"data.eval.xsum.files=[{texts}]", "data.eval.xsum.column=nope")
+    with pytest.raises(ConfigError, match="column='nope' is not a column"):
+        run_cell(cfg)
+    data = read(next(Path(cfg.results_dir).rglob("result.json")))
+    assert data["status"] == "failed" and "column='nope'" in data["error"] and "Traceback" in data["traceback"]
 
 
 def _cli(*args, cwd=ROOT, timeout=600):

@@ -48,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--table {n!r} is not defined; choose one of: {', '.join(registry()['tables'])}, all")
     res = load(a.source)
     print(res)
-    if len(res.failed):
-        print("not ok (left out):")
-        print(res.failed[["status", "method", "bits", "error", "path"]].to_string(index=False))
+    for status, rows in res.failed.groupby("status", sort=True):
+        resume = status == "preempted"
+        print(f"{status} (left out{'; rerun the sweep to resume them' if resume else ''}):")
+        print(rows[["method", "bits", "resume" if resume else "error", "path"]].to_string(index=False))
+    if len(res.warnings):
+        print("warnings (kept in; the final model is degenerate):")
+        print(res.warnings[["method", "bits", "warning", "path"]].to_string(index=False))
     src = Path(a.source)
     out = Path(a.out) if a.out else (src if src.is_dir() else Path(".")) / "analysis"
     out.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,15 @@
 Sources: a directory (every ``result.json`` below it), a W&B runs export (``.csv`` from the runs
 table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), or
 ``wandb:<entity>/<project>`` (the W&B API; needs a login). Records that are not ``ok`` (failed,
-running, corrupt) go to :attr:`Results.failed` and never into the metrics.
+preempted, running, corrupt) go to :attr:`Results.failed` and never into the metrics; preempted
+ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
+records whose final model is degenerate stay in, and their warnings are :attr:`Results.warnings`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from . import metrics as M
 
 CELL = ["sweep", "model", "method", "bits", "group_size", "seed", "dataset", "cell_id"]
 TIDY = [*CELL, "metric", "kind", "target", "stage", "value"]
-FAILED = ["status", "error", "sweep", "model", "method", "bits", "group_size", "seed", "path"]
+FAILED = ["status", "error", "sweep", "model", "method", "bits", "group_size", "seed", "path", "resume"]
+WARNINGS = ["sweep", "model", "method", "bits", "group_size", "seed", "cell_id", "warning", "path"]
 # Config keys that are not columns: not part of the result, or already a CELL column.
 SKIP = ("tracking", "results_dir", "cache_dir", "force", "name", "bits", "group_size", "seed", "model.name",
         "method.name", "data.name", "model.random", "data.train", "data.eval", "data.calib", "_wandb")
@@ -28,10 +31,17 @@ WANDB_STATES = {"finished": "ok", "failed": "failed", "crashed": "failed", "kill
 
 @dataclass
 class Results:
-    """``df``: ok cells, one row per cell × metric. ``failed``: the records left out, and why."""
+    """``df``: ok cells, one row per cell × metric. ``failed``: the records left out, and why.
+    ``warnings``: ok cells whose final model is degenerate (collapsed), one row per warning."""
 
     df: pd.DataFrame
     failed: pd.DataFrame
+    warnings: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=WARNINGS))
+
+    @property
+    def preempted(self) -> pd.DataFrame:
+        """The cells a stop signal interrupted (``resume``: the step and checkpoint a rerun starts from)."""
+        return self.failed[self.failed["status"] == "preempted"]
 
     def cells(self, stage: str | None = "final") -> pd.DataFrame:
         """Wide view: one row per cell, one column per metric of ``stage`` (plus time/mem/size)."""
@@ -39,7 +49,10 @@ class Results:
 
     def __repr__(self) -> str:
         n = self.df["cell_id"].nunique() if len(self.df) else 0
-        return f"Results({n} ok cells, {len(self.df)} metric rows, {len(self.failed)} not ok)"
+        counts = self.failed["status"].value_counts()
+        why = (": " + ", ".join(f"{v} {k}" for k, v in counts.items())) if len(counts) else ""
+        warn = f", {self.warnings['cell_id'].nunique()} with warnings" if len(self.warnings) else ""
+        return f"Results({n} ok cells, {len(self.df)} metric rows, {len(self.failed)} not ok{why}{warn})"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -115,13 +128,16 @@ def read_json(path: Path) -> dict:
 
 def from_records(recs: list[tuple[str, dict]]) -> Results:
     """(path, record) pairs → :class:`Results`."""
-    rows, failed = [], []
+    rows, failed, warnings = [], [], []
     for path, rec in recs:
         info = cell_info(rec, path)
         if rec.get("status") != "ok":
+            stop = rec.get("preempted") or {}
+            resume = f"step {stop.get('step')} ({stop.get('checkpoint') or 'no checkpoint'})" if stop else None
             failed.append({**{k: info.get(k) for k in FAILED}, "status": rec.get("status"),
-                           "error": rec.get("error")})
+                           "error": rec.get("error"), "resume": resume})
             continue
+        warnings += [{**{k: info.get(k) for k in WARNINGS}, "warning": w} for w in rec.get("warnings") or []]
         cfg = config_columns(rec["config"])
         for name, value in record_metrics(rec).items():
             m = M.parse(name)
@@ -136,7 +152,7 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
     bad = pd.DataFrame(failed, columns=FAILED)
     for c in ("bits", "group_size", "seed"):
         bad[c] = pd.to_numeric(bad[c], errors="coerce").astype("Int64")
-    return Results(df.reset_index(drop=True), bad)
+    return Results(df.reset_index(drop=True), bad, pd.DataFrame(warnings, columns=WARNINGS))
 
 
 def wandb_record(config: dict, summary: dict, state: str | None, name: str | None = None) -> dict:

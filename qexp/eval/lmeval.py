@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -120,6 +121,20 @@ def suite_scores(results: dict[str, dict], suites: dict[str, list[str]]) -> tupl
         metrics[f"acc_norm/{suite}"] = sum(results[m][k] for m, k in zip(members, norm, strict=True)) / len(members)
         info[suite] = {"tasks": list(members), "acc": ["acc"] * len(members), "acc_norm": norm}
     return metrics, info
+
+
+def suite_note(details: dict, suite: str, metric: str) -> tuple[float | None, str]:
+    """The standard error of a recorded suite average (the members' lm-eval standard errors,
+    combined as for a mean of independent scores: sqrt(sum se^2) / n) and its item counts, e.g.
+    ``"50 items per task (eval.limit=50)"``. ``details``: one stage's ``eval.lm_eval`` record entry."""
+    info, results = details.get("suites", {}).get(suite, {}), details.get("results", {})
+    members, keys = info.get("tasks", []), info.get(metric, [])
+    errs = [results.get(m, {}).get(f"{k}_stderr") for m, k in zip(members, keys, strict=False)]
+    se = math.sqrt(sum(e * e for e in errs)) / len(errs) if errs and None not in errs else None
+    items = sorted({details.get("tasks", {}).get(m, {}).get("items") for m in members} - {None})
+    counts = "-".join(str(i) for i in (items[:1] + items[-1:] if len(items) > 1 else items))
+    limit = f" (eval.limit={details['limit']})" if details.get("limit") else ""
+    return se, f"{counts} items per task{limit}" if items else ""
 
 
 def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,

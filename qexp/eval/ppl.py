@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | No
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in windows.split(batch_size):
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({n} windows of {seqlen})", leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")

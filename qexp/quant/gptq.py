@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from .grid import QuantSpec, QuantWeight, dequantize, quantize_codes
@@ -256,7 +257,7 @@ def gptq_results(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: d
     list_name, blocks = found
     inputs = _first_block_inputs(model, blocks[0], calib_ids)  # on OFFLOAD
     results: dict[str, QuantWeight] = {}
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(tqdm(blocks, desc=f"GPTQ ({len(calib_ids)} calibration sequences)", leave=False)):
         block_home = next(block.parameters()).device
         block.to(device)
         names = [n for n in targets if n.startswith(f"{list_name}.{i}.")]

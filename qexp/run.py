@@ -15,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
-from . import adapt, data, export, models
+from . import adapt, data, dist, export, models
 from .config import check_group_size, method_config, register, validate
 from .eval import accuracy, perplexity
 from .methods import get as get_method
@@ -37,6 +37,7 @@ def run_cell(cfg: DictConfig) -> dict:
     id in another sweep under ``results_dir`` is copied (``reused_from``); an interrupted cell
     resumes from its last training checkpoint.
     """
+    dist.setup(cfg)  # one cell on several processes: qexp/dist.py (who does what)
     rec = Record(cfg)
     done = None if cfg.force else rec.previous if rec.previous.get("status") == "ok" else rec.reuse()
     if done:
@@ -60,6 +61,7 @@ def run_cell(cfg: DictConfig) -> dict:
             spec = QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym)
             method = get_method(cfg.method.name)(method_config(cfg), spec)
 
+            @dist.main_only  # evaluated once
             def evaluate(stage: str) -> None:
                 with rec.timer(f"eval_{stage}"):
                     for name, ids in evalsets.items():
@@ -83,6 +85,8 @@ def run_cell(cfg: DictConfig) -> dict:
                 chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen, draws)
                 result = train(model, method, chunks, cfg.train, cfg.seed, rec.checkpoint, tracker.log)
                 rec.data["train"] = {"steps": result["steps"], "resumed_from": result["resumed_from"],
+                                     **{k: result[k] for k in ("world_size", "micro_batch_per_rank", "grad_accum",
+                                                               "global_batch")},
                                      "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
                                      "losses": result["losses"]}
                 rec.data["timings"]["train_s"] = round(result["train_s"], 3)
@@ -90,15 +94,15 @@ def run_cell(cfg: DictConfig) -> dict:
                 evaluate("unmerged")
             probe = next(iter(evalsets.values())).reshape(-1)[: cfg.eval.merge_check_tokens].unsqueeze(0)
             probe = probe.to(model.device)
-            adapters = export.adapters(model) if cfg.export.formats else None  # base + adapter, pre-merge
+            adapters = dist.main_only(export.adapters)(model) if cfg.export.formats else None  # base + adapter
             with rec.timer("merge"):
                 rec.data["merge"] = adapt.merge(model, probe)
             evaluate("final")
             if cfg.export.formats:
                 with rec.timer("export"):
-                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
+                    rec.data["export"] = dist.main_only(export.write)(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
-    rec.checkpoint.unlink(missing_ok=True)
+    dist.main_only(rec.checkpoint.unlink)(missing_ok=True)
     return rec.data
 
 
@@ -128,8 +132,7 @@ def summary(rec: dict) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     rec = run_cell(cfg)
-    print(summary(rec))
-    print(f"  result: {rec['dir']}/result.json")
+    dist.main_only(print)(f"{summary(rec)}\n  result: {rec['dir']}/result.json")
 
 
 if __name__ == "__main__":

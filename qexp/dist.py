@@ -22,6 +22,8 @@ is, and a cell gives the same losses (within float rounding) on one process or s
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -54,10 +56,25 @@ def setup(cfg: DictConfig) -> PartialState:
     if from_slurm:  # the tasks of a submitit job: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK from SLURM's
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # set in submitit's jobs; a plain `srun` step too
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps MASTER_PORT
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
           multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()))
+    _stop_with_launcher()
     return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
+
+
+def _stop_with_launcher() -> None:
+    """torchrun (and ``accelerate launch``) start each worker in its own session: if the launcher is
+    SIGKILLed the workers would train on alone and race the rerun. Linux sends them SIGTERM when it
+    dies instead, which stops them like a preemption (checkpoint, then exit)."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before that
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check(cfg: DictConfig, world: int, local_world: int | None = None, multirun: bool = False,
@@ -98,6 +115,11 @@ def _slurm_launcher() -> bool:
 
 def world() -> int:
     return PartialState().num_processes
+
+
+def device() -> torch.device:
+    """This process's device: its GPU (``cuda:LOCAL_RANK``) if any, else the CPU."""
+    return PartialState().device
 
 
 def is_main() -> bool:

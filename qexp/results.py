@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from . import dist
 
 SCHEMA = 1
 NOT_IDENTITY = ("results_dir", "tracking", "cache_dir", "force", "name", "export", "quant.cache")
@@ -91,7 +92,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Atomic write: a temp file in the same directory, then rename over ``path``.
 
     Under ``accelerate launch`` only the main process writes."""
-    if not PartialState().is_main_process:
+    if not dist.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

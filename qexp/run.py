@@ -11,7 +11,6 @@ from functools import cache
 from pathlib import Path
 
 import hydra
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
@@ -51,7 +50,7 @@ def run_cell(cfg: DictConfig) -> dict:
         with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
-                model, tok = models.load(cfg.model, cfg.cache_dir, PartialState().device)  # the GPU if any (accelerate)
+                model, tok = models.load(cfg.model, cfg.cache_dir, dist.device())  # the GPU if any (accelerate)
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
                 evalsets = {k: data.eval_tokens(src, tok, cfg.eval.seqlen, cfg.eval.max_windows)
@@ -100,7 +99,7 @@ def run_cell(cfg: DictConfig) -> dict:
             evaluate("final")
             if cfg.export.formats:
                 with rec.timer("export"):
-                    rec.data["export"] = dist.main_only(export.write)(model, tok, rec.data, cfg, adapters)
+                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
     dist.main_only(rec.checkpoint.unlink)(missing_ok=True)
     return rec.data

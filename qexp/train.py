@@ -59,6 +59,7 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
     params = [p for g in opt.param_groups for p in g["params"]]
     data: Iterator[dict] = batches(chunks, cfg.batch_size, seed, start=start * cfg.grad_accum, shard=shard)
     model.train()
+    rows = None
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=f"train {method.name}", initial=start, total=cfg.steps,
                disable=not acc.is_local_main_process)
@@ -67,6 +68,7 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(acc.device) for k, v in next(data).items()}
+                rows = len(batch["input_ids"])  # this rank's share of the micro-batch
                 with acc.accumulate(model):
                     loss = model(**batch, use_cache=False).loss  # no KV cache: it would hold every layer's K/V
                     if not math.isfinite(dist.mean(loss.item())):  # on every rank, if on one
@@ -94,7 +96,7 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
     model.eval()
     acc.free_memory()
     return {"losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps, "resumed_from": start,
-            "world_size": shard[1], "micro_batch_per_rank": cfg.batch_size // shard[1], "grad_accum": cfg.grad_accum,
+            "world_size": shard[1], "micro_batch_per_rank": rows, "grad_accum": cfg.grad_accum,
             "global_batch": cfg.batch_size * cfg.grad_accum}
 
 

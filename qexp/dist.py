@@ -59,7 +59,8 @@ def setup(cfg: DictConfig) -> PartialState:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # set in submitit's jobs; a plain `srun` step too
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps MASTER_PORT
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
-          multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()))
+          multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()),
+          fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
     _stop_with_launcher()
     return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
 
@@ -78,8 +79,12 @@ def _stop_with_launcher() -> None:
 
 
 def check(cfg: DictConfig, world: int, local_world: int | None = None, multirun: bool = False,
-          gpus: int | None = None) -> None:
+          gpus: int | None = None, fsdp: bool = False) -> None:
     """The launch checks of :func:`setup` (``gpus``: visible CUDA devices, None: ask torch)."""
+    if fsdp:
+        raise ConfigError("an FSDP launch (accelerate distributed_type: FSDP) is not supported yet: merge, evaluation "
+                          "and export would run on sharded parameters. Launch data parallel instead "
+                          "(conf/accelerate/ddp_4gpu.yaml); see README, 'One large model on several GPUs'")
     if world <= 1:
         return
     if multirun:

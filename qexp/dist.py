@@ -21,6 +21,7 @@ is, and a cell gives the same losses (within float rounding) on one process or s
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ from .config import ConfigError
 # How long a rank waits in a collective: the others wait while the main process evaluates alone.
 TIMEOUT = timedelta(hours=4)
 T = TypeVar("T")
+_FSDP = False  # set by setup(): the launch asked for FSDP
 
 
 def slurm_tasks() -> int:
@@ -59,8 +61,10 @@ def setup(cfg: DictConfig) -> PartialState:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # set in submitit's jobs; a plain `srun` step too
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps MASTER_PORT
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
-          multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()),
-          fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+          multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()))
+    global _FSDP
+    # an FSDP accelerate config: qexp shards with torch's FSDP2 itself (also on CPU), not through accelerate
+    _FSDP = os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"
     _stop_with_launcher()
     return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
 
@@ -79,12 +83,8 @@ def _stop_with_launcher() -> None:
 
 
 def check(cfg: DictConfig, world: int, local_world: int | None = None, multirun: bool = False,
-          gpus: int | None = None, fsdp: bool = False) -> None:
+          gpus: int | None = None) -> None:
     """The launch checks of :func:`setup` (``gpus``: visible CUDA devices, None: ask torch)."""
-    if fsdp:
-        raise ConfigError("an FSDP launch (accelerate distributed_type: FSDP) is not supported yet: merge, evaluation "
-                          "and export would run on sharded parameters. Launch data parallel instead "
-                          "(conf/accelerate/ddp_4gpu.yaml); see README, 'One large model on several GPUs'")
     if world <= 1:
         return
     if multirun:
@@ -179,3 +179,65 @@ def mean(x: float) -> float:
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on one (a stop signal that reached one rank stops all)."""
     return mean(float(flag)) > 0
+
+
+# FSDP (torch FSDP2 ``fully_shard``): the trainer shards after attach and gives the main process a
+# full model back for merge, evaluation and export.
+
+
+def sharded() -> bool:
+    """Training shards the model (an FSDP launch on more than one process)."""
+    return _FSDP and world() > 1
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 (each decoder block, then the root: parameters are split
+    across ranks, buffers such as integer codes and scales stay whole) and return an empty copy of
+    it on the meta device, for :func:`unshard`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    memo = {i: (nn.Parameter(t.to("meta"), t.requires_grad) if isinstance(t, nn.Parameter) else t.to("meta"))
+            for i, t in tensors.items()}
+    skeleton = copy.deepcopy(model, memo)  # the structure (method layers too), no storage
+    mesh = init_device_mesh(device().type, (world(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or [])  # HF's decoder block class names
+    for m in list(model.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return skeleton
+
+
+def unshard(model: nn.Module, skeleton: nn.Module) -> nn.Module:
+    """The sharded ``model`` gathered into ``skeleton`` on the main process (on its device); the
+    other ranks get the empty skeleton (they merge, evaluate and export nothing)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return skeleton
+    skeleton.load_state_dict(full, assign=True)
+    for name, buf in model.named_buffers():  # non-persistent buffers (RoPE) are in no state dict
+        mod, _, leaf = name.rpartition(".")
+        owner = skeleton.get_submodule(mod)
+        if owner._buffers[leaf].is_meta:
+            owner._buffers[leaf] = buf
+    return skeleton.to(device())
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Trainable parameters and optimizer state of a sharded model, whole (on the main process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+def load_full_state(model: nn.Module, opt: torch.optim.Optimizer, params: dict, optim: dict) -> None:
+    """Put :func:`full_state`'s result back into the sharded ``model`` and ``opt`` (every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, opt, model_state_dict=params, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, strict=False))

@@ -83,9 +83,10 @@ def run_cell(cfg: DictConfig) -> dict:
                 draws = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum  # a hub corpus streams this many
                 chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen, draws)
                 result = train(model, method, chunks, cfg.train, cfg.seed, rec.checkpoint, tracker.log)
+                model = result["model"]  # with FSDP: gathered whole on the main process
                 rec.data["train"] = {"steps": result["steps"], "resumed_from": result["resumed_from"],
-                                     **{k: result[k] for k in ("world_size", "micro_batch_per_rank", "grad_accum",
-                                                               "global_batch")},
+                                     **{k: result[k] for k in ("world_size", "fsdp", "micro_batch_per_rank",
+                                                               "grad_accum", "global_batch")},
                                      "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
                                      "losses": result["losses"]}
                 rec.data["timings"]["train_s"] = round(result["train_s"], 3)
@@ -95,11 +96,11 @@ def run_cell(cfg: DictConfig) -> dict:
             probe = probe.to(model.device)
             adapters = dist.main_only(export.adapters)(model) if cfg.export.formats else None  # base + adapter
             with rec.timer("merge"):
-                rec.data["merge"] = adapt.merge(model, probe)
+                rec.data["merge"] = dist.main_only(adapt.merge)(model, probe) or {}
             evaluate("final")
             if cfg.export.formats:
                 with rec.timer("export"):
-                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
+                    rec.data["export"] = dist.main_only(export.write)(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
     dist.main_only(rec.checkpoint.unlink)(missing_ok=True)
     return rec.data

@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 CELL = [*TINY, "method=peqa", "train.steps=24", "train.batch_size=4", "train.checkpoint_every=2",
         "train.log_every=1", "eval.base=false"]
 ACCELERATE = [str(BIN / "accelerate"), "launch", "--config_file", "conf/accelerate/ddp_cpu2.yaml", "-m", "qexp.run"]
+FSDP = [str(BIN / "accelerate"), "launch", "--config_file", "conf/accelerate/fsdp_cpu2.yaml", "-m", "qexp.run"]
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "qexp.run"]
 
 
@@ -106,7 +107,7 @@ def test_two_processes_shard_the_batch_and_match_one_process(one_process, two_pr
     rec = recs[0]
     t = rec["train"]
     assert (t["world_size"], t["micro_batch_per_rank"], t["grad_accum"], t["global_batch"]) == (2, 2, 1, 4)
-    assert t["losses"] == pytest.approx(one_process["train"]["losses"], rel=1e-5)
+    assert t["losses"] == pytest.approx(one_process["train"]["losses"], rel=1e-5) and not t["fsdp"]
     assert rec["metrics"] == pytest.approx(one_process["metrics"], rel=1e-5)
     assert rec["cell_id"] == one_process["cell_id"]  # the process count is not part of the experiment
     assert len(list(out.rglob("run-*.wandb"))) == 1  # one W&B run
@@ -114,36 +115,52 @@ def test_two_processes_shard_the_batch_and_match_one_process(one_process, two_pr
     assert r.stdout.count("status=ok") == 1  # the summary is printed once
 
 
+def _kill_and_resume(cmd: list[str], out: Path) -> dict:
+    """Start the cell, SIGKILL the launcher after the first checkpoint, rerun: the one record."""
+    args = [*CELL, "tracking=disabled", f"results_dir={out}", f"hydra.run.dir={out}/h"]
+    proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(out.rglob("checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    while time.time() < deadline and [x["status"] for x in _records(out)] == ["running"]:
+        time.sleep(0.1)  # the workers checkpoint and exit
+    killed_at = torch.load(next(out.rglob("checkpoint.pt")), weights_only=False)["step"]
+    assert 0 < killed_at < 24
+    rec = _records(out)
+    assert [x["status"] for x in rec] == ["failed"] and rec[0]["error"].startswith("Preempted: stop signal")
+
+    r = _launch(cmd, *args)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(out)
+    assert [x["status"] for x in recs] == ["ok"]
+    assert recs[0]["train"]["resumed_from"] >= killed_at and recs[0]["train"]["world_size"] == 2
+    assert not list(out.rglob("checkpoint.pt*"))
+    return recs[0]
+
+
 def test_two_processes_killed_mid_training_resume_to_the_uninterrupted_result(tmp_path, one_process, two_processes):
     """SIGKILL to the launcher: its workers (in their own sessions) stop as if preempted (checkpoint,
     ``failed: Preempted``) instead of training on alone; the same command resumes to the uninterrupted
     two-process result. (Launcher and workers killed at once, a lost node, resume from the last periodic
     checkpoint, as one process does: test_sweeps.)"""
-    args = [*TORCHRUN, *CELL, "tracking=disabled", f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/h"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not list(tmp_path.rglob("checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    while time.time() < deadline and [x["status"] for x in _records(tmp_path)] == ["running"]:
-        time.sleep(0.1)  # the workers checkpoint and exit
-    killed_at = torch.load(next(tmp_path.rglob("checkpoint.pt")), weights_only=False)["step"]
-    assert 0 < killed_at < 24
-    rec = _records(tmp_path)
-    assert [x["status"] for x in rec] == ["failed"] and rec[0]["error"].startswith("Preempted: stop signal")
-
-    r = _launch(TORCHRUN, *args[len(TORCHRUN):])  # the same command again
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = _records(tmp_path)
-    assert [x["status"] for x in recs] == ["ok"]
-    t = recs[0]["train"]
-    assert t["resumed_from"] >= killed_at and t["world_size"] == 2
+    rec = _kill_and_resume(TORCHRUN, tmp_path)
     uninterrupted = _records(two_processes[0])[0]
-    assert t["losses"] == pytest.approx(uninterrupted["train"]["losses"], rel=1e-6)
-    assert recs[0]["metrics"] == pytest.approx(uninterrupted["metrics"], rel=1e-6)
-    assert t["losses"] == pytest.approx(one_process["train"]["losses"], rel=1e-5)
-    assert not list(tmp_path.rglob("checkpoint.pt*"))
+    assert rec["train"]["losses"] == pytest.approx(uninterrupted["train"]["losses"], rel=1e-6)
+    assert rec["metrics"] == pytest.approx(uninterrupted["metrics"], rel=1e-6)
+    assert rec["train"]["losses"] == pytest.approx(one_process["train"]["losses"], rel=1e-5)
+
+
+def test_fsdp_on_two_processes_shards_resumes_and_merges_a_full_model(tmp_path, one_process):
+    """FSDP2 on gloo: sharded training, a full checkpoint from sharded state and back after the kill,
+    then merge and evaluation on the gathered model; the one-process losses and metrics."""
+    rec = _kill_and_resume(FSDP, tmp_path)
+    assert rec["train"]["fsdp"] and rec["train"]["micro_batch_per_rank"] == 2
+    assert rec["train"]["losses"] == pytest.approx(one_process["train"]["losses"], rel=1e-5)
+    assert rec["metrics"] == pytest.approx(one_process["metrics"], rel=1e-5)
+    assert rec["merge"]["lossless"] and rec["merge"]["merged_layers"] == one_process["merge"]["merged_layers"]
 
 
 def test_multirun_under_torchrun_is_refused(tmp_path):

@@ -14,6 +14,10 @@ Who does what:
   main process    evaluates, writes the checkpoint, the record and the W&B run, exports
                   (:func:`main_only`); the other ranks skip those steps
 
+An FSDP launch (``distributed_type: FSDP``, which sets ``ACCELERATE_USE_FSDP``) shards the model with
+torch's FSDP2 in the trainer (:func:`shard`) instead of replicating it; after training the main
+process gathers it whole (:func:`unshard`) for merge, evaluation and export.
+
 ``train.batch_size`` is the micro-batch of the whole cell: each of ``W`` ranks takes
 ``batch_size / W`` of its rows, so the global batch is ``batch_size × grad_accum`` whatever ``W``
 is, and a cell gives the same losses (within float rounding) on one process or several.
@@ -63,8 +67,8 @@ def setup(cfg: DictConfig) -> PartialState:
     check(cfg, int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None,
           multirun=_hydra_multirun() and not (from_slurm or _slurm_launcher()))
     global _FSDP
-    # an FSDP accelerate config: qexp shards with torch's FSDP2 itself (also on CPU), not through accelerate
-    _FSDP = os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if "ACCELERATE_USE_FSDP" in os.environ:  # an FSDP launch: qexp shards with FSDP2 itself (CPU too), not accelerate
+        _FSDP = os.environ.pop("ACCELERATE_USE_FSDP").lower() == "true"
     _stop_with_launcher()
     return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
 

@@ -196,6 +196,45 @@ def test_the_tasks_of_a_slurm_job_step_join_one_process_group():
     assert got == [{"rank": i, "ranks": [0, 1], "type": "DistributedType.MULTI_CPU"} for i in range(2)]
 
 
+ATTACH = """
+import json, sys
+from pathlib import Path
+import torch
+from qexp import adapt, dist, models
+from qexp.config import method_config
+from qexp.methods import get
+from qexp.quant import QuantSpec, gptq
+from tests.conftest import make_cfg, tiny_llama
+
+cfg = make_cfg("method=lota", "quant.init=gptq")
+rank = dist.setup(cfg).process_index
+runs = []
+compute = gptq.gptq_results
+gptq.gptq_results = lambda *a, **k: runs.append(rank) or compute(*a, **k)
+model = tiny_llama()
+calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+torch.manual_seed(rank)  # LoTA's random adapter init differs per rank, unless the main process's is taken
+method = get("lota")(method_config(cfg), QuantSpec(cfg.bits, 32, False))
+adapt.attach(model, method, models.targets(model, list(cfg.model.targets)), cfg.quant, lambda: calib, Path(sys.argv[1]))
+state = [float(t.double().sum()) for t in model.state_dict().values()]
+print(json.dumps({"gptq_runs": dist.gather(len(runs)), "same": dist.gather(state)[0] == dist.gather(state)[1]}))
+"""
+
+
+def test_the_base_and_init_are_made_once_and_shared(tmp_path):
+    """GPTQ runs on the main process only (the other rank reads its cache); every rank ends with the
+    main process's attached model, although its own random init differed."""
+    port = str(_free_port())
+    env = {**_env(), "MASTER_ADDR": "localhost", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", ATTACH, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": f"{i}", "LOCAL_RANK": f"{i}"}) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    got = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert got[0] == got[1] == {"gptq_runs": [1, 0], "same": True}
+
+
 def test_the_slurm_ddp_launcher_runs_one_task_per_gpu():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8",

@@ -206,6 +206,9 @@ def shard(model: nn.Module) -> nn.Module:
             for i, t in tensors.items()}
     skeleton = copy.deepcopy(model, memo)  # the structure (method layers too), no storage
     mesh = init_device_mesh(device().type, (world(),))
+    for p in model.parameters():  # FSDP2 shards contiguous parameters only (CLoQ's B comes from an SVD transpose)
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
     blocks = set(getattr(model, "_no_split_modules", None) or [])  # HF's decoder block class names
     for m in list(model.modules()):
         if type(m).__name__ in blocks:

@@ -82,8 +82,6 @@ def test_launch_checks_name_the_numbers():
         dist.check(cfg, world=4, gpus=0)
     with pytest.raises(ConfigError, match="--multirun under a multi-process launcher.*SLURM launcher"):
         dist.check(cfg, world=2, multirun=True)
-    with pytest.raises(ConfigError, match="FSDP.*not supported yet"):
-        dist.check(cfg, world=1, fsdp=True)
 
 
 def test_a_rank_other_than_the_main_writes_evaluates_and_tracks_nothing(tmp_path, monkeypatch):

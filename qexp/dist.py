@@ -25,6 +25,7 @@ is, and a cell gives the same losses (within float rounding) on one process or s
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import signal
@@ -70,7 +71,16 @@ def setup(cfg: DictConfig) -> PartialState:
     if "ACCELERATE_USE_FSDP" in os.environ:  # an FSDP launch: qexp shards with FSDP2 itself (CPU too), not accelerate
         _FSDP = os.environ.pop("ACCELERATE_USE_FSDP").lower() == "true"
     _stop_with_launcher()
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=TIMEOUT)
+    if torch.distributed.is_initialized():
+        atexit.register(_teardown)
+    return state
+
+
+def _teardown() -> None:
+    """End the process group before the interpreter does (gloo's threads otherwise may abort the exit)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _stop_with_launcher() -> None:

@@ -9,10 +9,10 @@ the trainable tensors, optimizer, scheduler, RNG, step and losses go to ``ckpt``
 A rerun continues from there and ends with the losses an uninterrupted run would have had.
 
 Several processes (``qexp.dist``): DDP through accelerate, or FSDP2 (``fully_shard``) for an FSDP
-launch. Each rank trains on its
-``batch_size / world`` rows of every batch, so the global batch stays ``batch_size × grad_accum``
-and the losses (the mean over ranks) are those of one process. The main process writes the
-checkpoint (with every rank's RNG state); a stop signal seen by one rank stops all at the same step.
+launch. Each rank trains on its ``batch_size / world`` rows of every batch, so the global batch
+stays ``batch_size × grad_accum`` and the losses (the mean over ranks) are those of one process.
+The main process writes the checkpoint (with every rank's RNG state); a stop signal seen by one
+rank stops all at the same step.
 """
 
 from __future__ import annotations

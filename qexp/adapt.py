@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import dist
 from .methods import Method, MethodLayer
 from .models import set_module
 from .quant import QuantLinear
@@ -19,15 +20,22 @@ def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quan
     """Quantize each target with the base quantizer (if the method starts from one) and swap in
     the method's training layer; ``targets`` is consumed (each fp Linear is freed as it is replaced).
     Everything else in the model stays frozen. ``cache_dir``: where
-    GPTQ bases are cached across cells (None: no cache)."""
+    GPTQ bases are cached across cells (None: no cache).
+
+    On several processes the main process quantizes first (the others then read its GPTQ base
+    from the cache), and at the end every rank takes the main process's attached model: one
+    base and one calibrated init (QWHA, CLoQ) for all ranks."""
     model.requires_grad_(False)
     method.prepare(model, targets, calib() if method.NEEDS_CALIB else None)
-    quantize = base_quantizer(quant_cfg, method.spec, model, targets, calib, cache_dir) if method.NEEDS_BASE else None
+    with dist.main_first():
+        quantize = (base_quantizer(quant_cfg, method.spec, model, targets, calib, cache_dir)
+                    if method.NEEDS_BASE else None)
     while targets:  # consumed: each fp Linear is freed once its method layer replaces it
         name, linear = next(iter(targets.items()))
         del targets[name]
         qw = quantize(name, linear) if quantize else None
         set_module(model, name, method.layer(name, linear, qw))
+    dist.broadcast_module(model)
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from . import dist
 from .config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def load(cfg: ModelConfig, cache_dir: str = "~/.cache/qexp",
 def _placement(device: torch.device | str | None) -> dict:
     """``from_pretrained`` arguments: low CPU memory, and a GPU ``device`` as the device map in a
     single process (several processes load on the CPU; accelerate places them)."""
-    if device is None or torch.device(device).type == "cpu" or PartialState().num_processes > 1:
+    if device is None or torch.device(device).type == "cpu" or dist.world() > 1:
         return {"low_cpu_mem_usage": True}
     return {"low_cpu_mem_usage": True, "device_map": {"": torch.device(device)}}
 

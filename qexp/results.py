@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from . import dist
 from .lock import CellLock
 
 log = logging.getLogger("qexp")
@@ -121,7 +121,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Atomic write: a temp file in the same directory, then rename over ``path``.
 
     Under ``accelerate launch`` only the main process writes."""
-    if not PartialState().is_main_process:
+    if not dist.is_main():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -243,10 +243,9 @@ class Record:
 
     def claim(self) -> bool:
         """Take the cell's lock; False if another live launch holds it (``data["lock"]`` says who).
-        Holding it, re-read the record: that launch may have finished the cell a moment ago."""
-        if not PartialState().is_main_process:  # the main process speaks for the launch
-            return True
-        if not self.lock.acquire():
+        The main process takes it for its launch and tells the other ranks. Holding it, re-read
+        the record: that launch may have finished the cell a moment ago."""
+        if not dist.gather(self.lock.acquire() if dist.is_main() else None)[0]:
             self.data.update(status="locked", lock=self.lock.holder())
             return False
         self.previous = read(self.path) if self.path.exists() else {}

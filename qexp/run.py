@@ -11,11 +11,10 @@ from functools import cache
 from pathlib import Path
 
 import hydra
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
-from . import adapt, data, export, models
+from . import adapt, data, dist, export, models
 from .config import check_group_size, method_config, register
 from .eval import accuracy, perplexity
 from .eval.lmeval import suite_note
@@ -41,6 +40,7 @@ def run_cell(cfg: DictConfig) -> dict:
     is left to it. Every value, file and shape is checked first: a config error writes nothing.
     """
     check(cfg)
+    dist.setup(cfg)  # one cell on several processes: qexp/dist.py (who does what)
     rec = Record(cfg)
     if not rec.claim():
         log.info("skip %s: another launch is running it (%s)", rec.dir, rec.data["lock"])
@@ -58,7 +58,7 @@ def run_cell(cfg: DictConfig) -> dict:
         with wandb_run(cfg, rec.data["cell_id"], rec.dir, rec.dir.name) as tracker:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
-                model, tok = models.load(cfg.model, cfg.cache_dir, PartialState().device)  # the GPU if any (accelerate)
+                model, tok = models.load(cfg.model, cfg.cache_dir, dist.device())  # the GPU if any (accelerate)
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
                 evalsets = {k: data.eval_tokens(src, tok, cfg.eval.seqlen, cfg.eval.max_windows)
@@ -68,6 +68,7 @@ def run_cell(cfg: DictConfig) -> dict:
             spec = QuantSpec(cfg.bits, cfg.group_size, cfg.quant.sym)
             method = get_method(cfg.method.name)(method_config(cfg), spec)
 
+            @dist.main_only  # evaluated once
             def evaluate(stage: str) -> None:
                 with rec.timer(f"eval_{stage}"):
                     for name, ids in evalsets.items():
@@ -90,7 +91,10 @@ def run_cell(cfg: DictConfig) -> dict:
                 draws = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum  # a hub corpus streams this many
                 chunks = data.lm_chunks(cfg.data.train, tok, cfg.train.seqlen, draws)
                 result = train(model, method, chunks, cfg.train, cfg.seed, rec.checkpoint, tracker.log)
+                model = result["model"]  # with FSDP: gathered whole on the main process
                 rec.data["train"] = {"steps": result["steps"], "resumed_from": result["resumed_from"],
+                                     **{k: result[k] for k in ("world_size", "fsdp", "micro_batch_per_rank",
+                                                               "grad_accum", "global_batch")},
                                      "loss_first": result["losses"][0], "loss_last": result["losses"][-1],
                                      "losses": result["losses"]}
                 rec.data["timings"]["train_s"] = round(result["train_s"], 3)
@@ -98,16 +102,16 @@ def run_cell(cfg: DictConfig) -> dict:
                 evaluate("unmerged")
             probe = next(iter(evalsets.values())).reshape(-1)[: cfg.eval.merge_check_tokens].unsqueeze(0)
             probe = probe.to(model.device)
-            adapters = export.adapters(model) if cfg.export.formats else None  # base + adapter, pre-merge
+            adapters = dist.main_only(export.adapters)(model) if cfg.export.formats else None  # base + adapter
             with rec.timer("merge"):
-                rec.data["merge"] = adapt.merge(model, probe)
+                rec.data["merge"] = dist.main_only(adapt.merge)(model, probe) or {}
             evaluate("final")
             rec.check_collapse(model.config.vocab_size)
             if cfg.export.formats:
                 with rec.timer("export"):
-                    rec.data["export"] = export.write(model, tok, rec.data, cfg, adapters)
+                    rec.data["export"] = dist.main_only(export.write)(model, tok, rec.data, cfg, adapters)
             tracker.summary({**rec.metrics, **{f"merge/{k}": v for k, v in rec.data["merge"].items()}})
-    rec.checkpoint.unlink(missing_ok=True)
+    dist.main_only(rec.checkpoint.unlink)(missing_ok=True)
     return rec.data
 
 
@@ -143,8 +147,7 @@ def summary(rec: dict) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     rec = run_cell(cfg)
-    print(summary(rec))
-    print(f"  result: {rec['dir']}/result.json")
+    dist.main_only(print)(f"{summary(rec)}\n  result: {rec['dir']}/result.json")
     return rec  # to the sweep's report (qexp.callbacks)
 
 

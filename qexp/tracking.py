@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
+
+from . import dist
 
 
 class Tracker:
@@ -34,7 +35,7 @@ class Tracker:
 @contextmanager
 def wandb_run(cfg: DictConfig, run_id: str, run_dir: Path, run_name: str) -> Iterator[Tracker]:
     """A W&B run for one cell, always finished (exit code 1 if the cell raised)."""
-    if cfg.tracking.mode == "disabled" or not PartialState().is_main_process:
+    if cfg.tracking.mode == "disabled" or not dist.is_main():
         yield Tracker()
         return
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -7,6 +7,12 @@ sitting; accelerate still gives multi-GPU launch (``accelerate launch``) without
 Resumable: every ``checkpoint_every`` steps, and when SIGTERM/SIGUSR1 arrives (preemption),
 the trainable tensors, optimizer, scheduler, RNG, step and losses go to ``ckpt`` atomically.
 A rerun continues from there and ends with the losses an uninterrupted run would have had.
+
+Several processes (``qexp.dist``): DDP through accelerate, or FSDP2 (``fully_shard``) for an FSDP
+launch. Each rank trains on its ``batch_size / world`` rows of every batch, so the global batch
+stays ``batch_size × grad_accum`` and the losses (the mean over ranks) are those of one process.
+The main process writes the checkpoint (with every rank's RNG state); a stop signal seen by one
+rank stops all at the same step.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from . import dist
 from .config import TrainConfig
 from .data import batches
 from .methods import Method
@@ -45,16 +52,26 @@ class Preempted(RuntimeError):
 
 def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, seed: int,
           ckpt: Path | None = None, log: Callable[[dict, int], None] = lambda m, s: None) -> dict:
-    """Run ``cfg.steps`` optimizer steps; returns ``{"losses", "train_s", "steps", "resumed_from"}``."""
+    """Run ``cfg.steps`` optimizer steps; returns ``{"model", "losses", "train_s", "steps", "resumed_from"}``
+    and the batch layout (``world_size``, ``micro_batch_per_rank``, ``grad_accum``, ``global_batch``).
+
+    ``model`` is the trained model: the one passed in, or after FSDP a full copy on the main process
+    (an empty one on the others)."""
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    shard = (acc.process_index, acc.num_processes)
+    skeleton = dist.shard(model) if dist.sharded() else None  # FSDP2; else DDP (acc.prepare) or one process
     opt = method.optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps)
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * cfg.steps),
                           num_training_steps=cfg.steps)
-    start, losses = _restore(ckpt, model, opt, sched)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    start, losses = _restore(ckpt, model, opt, sched, shard[0], sharded=skeleton is not None)
+    if skeleton is None:
+        model, opt, sched = acc.prepare(model, opt, sched)
+    else:
+        opt, sched = acc.prepare(opt, sched)
     params = [p for g in opt.param_groups for p in g["params"]]
-    data: Iterator[dict] = batches(chunks, cfg.batch_size, seed, start=start * cfg.grad_accum)
+    data: Iterator[dict] = batches(chunks, cfg.batch_size, seed, start=start * cfg.grad_accum, shard=shard)
     model.train()
+    rows = None
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc=f"train {method.name}", initial=start, total=cfg.steps,
                disable=not acc.is_local_main_process)
@@ -63,9 +80,10 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(acc.device) for k, v in next(data).items()}
+                rows = len(batch["input_ids"])  # this rank's share of the micro-batch
                 with acc.accumulate(model):
                     loss = model(**batch, use_cache=False).loss  # no KV cache: it would hold every layer's K/V
-                    if not math.isfinite(loss.item()):
+                    if not math.isfinite(dist.mean(loss.item())):  # on every rank, if on one
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
@@ -74,41 +92,65 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
                     sched.step()
                     opt.zero_grad()
                 total += loss.item() / cfg.grad_accum
+            total = dist.mean(total)  # the global batch's loss
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 log({"train/loss": total, "train/lr": sched.get_last_lr()[0]}, step + 1)
             due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-            if ckpt and ((due and step + 1 < cfg.steps) or stop.is_set()):  # a stop at the last step too
-                _save(ckpt, acc.unwrap_model(model), opt, sched, step + 1, losses)
-            if stop.is_set():
+            stopping = dist.any_rank(stop.is_set())
+            if ckpt and ((due and step + 1 < cfg.steps) or stopping):  # a stop at the last step too
+                state = _state(acc.unwrap_model(model), opt, sharded=skeleton is not None)  # every rank
+                dist.main_only(_save)(ckpt, state, sched, step + 1, losses)
+                acc.wait_for_everyone()
+            if stopping:
                 raise Preempted(f"stop signal at step {step + 1}/{cfg.steps}; rerun the same command to resume",
                                 step + 1)
+    model = dist.unshard(model, skeleton) if skeleton is not None else acc.unwrap_model(model)
     model.eval()
     acc.free_memory()
-    return {"losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps, "resumed_from": start}
+    return {"model": model, "losses": losses, "train_s": time.perf_counter() - t0, "steps": cfg.steps,
+            "resumed_from": start, "world_size": shard[1], "fsdp": skeleton is not None,
+            "micro_batch_per_rank": rows, "grad_accum": cfg.grad_accum, "global_batch": cfg.batch_size * cfg.grad_accum}
 
 
-def _save(path: Path, model: nn.Module, opt, sched, step: int, losses: list[float]) -> None:
-    state = {"step": step, "losses": losses, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng": torch.get_rng_state(),
-             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}}
+def _state(model: nn.Module, opt, sharded: bool) -> dict:
+    """What a resume needs from the model and the optimizer, and every rank's RNG state (collective)."""
+    if sharded:
+        params, optim = dist.full_state(model, opt)
+    else:
+        params = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        optim = opt.state_dict()
+    return {"params": params, "optimizer": optim, "sharded": sharded, "rng": dist.gather(torch.get_rng_state())}
+
+
+def _save(path: Path, state: dict, sched, step: int, losses: list[float]) -> None:
+    state = {**state, "step": step, "losses": losses, "scheduler": sched.state_dict()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _restore(path: Path | None, model: nn.Module, opt, sched) -> tuple[int, list[float]]:
+def _restore(path: Path | None, model: nn.Module, opt, sched, rank: int = 0,
+             sharded: bool = False) -> tuple[int, list[float]]:
     if path is None or not path.exists():
         return 0, []
     state = torch.load(path, weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(state["optimizer"])
+    if state.get("sharded", False) != sharded:
+        kind = {True: "FSDP", False: "data-parallel or one-process"}
+        raise RuntimeError(f"{path} is from a {kind[state.get('sharded', False)]} run; this one is {kind[sharded]}. "
+                           "Resume it the same way, or delete the checkpoint to start over")
+    if sharded:
+        dist.load_full_state(model, opt, state["params"], state["optimizer"])
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # per rank (one: older checkpoints)
+    torch.set_rng_state(rng[rank] if rank < len(rng) else rng[0])
     return state["step"], list(state["losses"])
 
 

@@ -191,8 +191,16 @@ def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) 
     return torch.tensor(rows, dtype=torch.long)
 
 
-def batches(chunks: Tensor, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches (a new permutation each epoch); ``start`` skips that many batches."""
+def batches(chunks: Tensor, batch_size: int, seed: int, start: int = 0,
+            shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches (a new permutation each epoch); ``start`` skips that many batches.
+
+    ``shard=(rank, world)``: this process's ``batch_size / world`` rows of each batch (the ranks
+    together draw exactly the batches one process would)."""
+    rank, world = shard
+    if batch_size % world or not 0 <= rank < world:
+        raise ValueError(f"batch_size={batch_size} does not split into {world} shards (rank {rank})")
+    mine = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     g = torch.Generator().manual_seed(seed)
     per_epoch = max(len(chunks) // batch_size, 1)
     i = 0
@@ -200,7 +208,7 @@ def batches(chunks: Tensor, batch_size: int, seed: int, start: int = 0) -> Itera
         perm = torch.randperm(len(chunks), generator=g)
         for b in range(per_epoch):
             if i >= start:
-                x = chunks[perm[b * batch_size:(b + 1) * batch_size]]
+                x = chunks[perm[b * batch_size:(b + 1) * batch_size][mine]]
                 yield ({"input_ids": x, "labels": x} if x.dim() == 2
                        else {"input_ids": x[:, 0], "labels": x[:, 1]})
             i += 1

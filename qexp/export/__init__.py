@@ -26,10 +26,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .. import dist
 from ..config import ConfigError
 from ..methods import MethodLayer
 from ..models import set_module
@@ -82,7 +82,7 @@ def write(model: nn.Module, tok, rec: dict, cfg, adapter_state: dict | None = No
                           f"({rec.get('error')}): there is no merged model to export; rerun the cell first")
     if not rec.get("merge"):
         raise ExportError(f"cell {rec.get('dir')} has no merge record: export runs after merge")
-    if not PartialState().is_main_process:  # under accelerate launch, one writer
+    if not dist.is_main():  # under accelerate launch, one writer
         return {}
     e = cfg.export
     source = {"cell_id": rec["cell_id"], "cell_dir": rec["dir"], "method": cfg.method.name,

@@ -245,7 +245,7 @@ class Record:
         """Take the cell's lock; False if another live launch holds it (``data["lock"]`` says who).
         The main process takes it for its launch and tells the other ranks. Holding it, re-read
         the record: that launch may have finished the cell a moment ago."""
-        if not dist.gather(self.lock.acquire() if dist.is_main() else None)[0]:
+        if not dist.gather(self.lock.acquire() if dist.is_main() else True)[0]:  # the main's answer
             self.data.update(status="locked", lock=self.lock.holder())
             return False
         self.previous = read(self.path) if self.path.exists() else {}

@@ -128,7 +128,8 @@ def _kill_and_resume(cmd: list[str], out: Path) -> dict:
     killed_at = torch.load(next(out.rglob("checkpoint.pt")), weights_only=False)["step"]
     assert 0 < killed_at < 24
     rec = _records(out)
-    assert [x["status"] for x in rec] == ["failed"] and rec[0]["error"].startswith("Preempted: stop signal")
+    assert [x["status"] for x in rec] == ["preempted"] and rec[0]["error"].startswith("Preempted: stop signal")
+    assert rec[0]["preempted"]["step"] == killed_at and rec[0]["preempted"]["stage"] == "train"
 
     r = _launch(cmd, *args)  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
@@ -141,7 +142,7 @@ def _kill_and_resume(cmd: list[str], out: Path) -> dict:
 
 def test_two_processes_killed_mid_training_resume_to_the_uninterrupted_result(tmp_path, one_process, two_processes):
     """SIGKILL to the launcher: its workers (in their own sessions) stop as if preempted (checkpoint,
-    ``failed: Preempted``) instead of training on alone; the same command resumes to the uninterrupted
+    ``preempted``) instead of training on alone; the same command resumes to the uninterrupted
     two-process result. (Launcher and workers killed at once, a lost node, resume from the last periodic
     checkpoint, as one process does: test_sweeps.)"""
     rec = _kill_and_resume(TORCHRUN, tmp_path)

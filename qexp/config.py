@@ -113,7 +113,7 @@ class EvalConfig:
     suites: dict[str, list[str]] = field(default_factory=dict)  # average name -> member tasks
     log_samples: bool = False  # write lm-eval's per-item samples (generations too) next to result.json
     max_new_tokens: int | None = None  # generative tasks: override the task's max_gen_toks
-    task_data: dict[str, str] = field(default_factory=dict)  # generative task -> local test JSONL (no hub)
+    task_data: dict[str, str | None] = field(default_factory=dict)  # generative task -> local test JSONL (no hub)
 
 
 @dataclass

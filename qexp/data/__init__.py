@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -35,6 +36,7 @@ from torch import Tensor
 from ..config import ConfigError, SourceConfig
 from .formats import ALPACA_PROMPT, example_ids  # noqa: F401  (prompt/answer formats: alpaca, gsm8k, ...)
 
+log = logging.getLogger("qexp")
 MARGIN = 1.1  # a streamed training source reads 10 % more sequences than the run draws
 
 
@@ -170,8 +172,8 @@ def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) 
 
     For ``format=text`` the returned tensor holds input ids (labels = inputs); for the prompt formats
     (alpaca, gsm8k, ...: :mod:`qexp.data.formats`) it is ``[n, 2, seqlen]`` with (input ids, labels).
-    ``examples``: how many the run draws (steps × batch size × accumulation); a hub source then streams only ``MARGIN`` × that
-    many (the first documents of the split), other sources are read whole.
+    ``examples``: how many the run draws (steps × batch size × accumulation); a hub source then streams
+    only ``MARGIN`` × that many (the first documents of the split), other sources are read whole.
     """
     stream = math.ceil(examples * MARGIN) if examples and src.kind == "hub" else None
     if src.format == "text":
@@ -184,13 +186,22 @@ def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) 
         if n == 0:
             raise ConfigError(f"data {src.name}: {len(ids)} tokens, fewer than one seqlen={seqlen} window")
         return ids[: n * seqlen].view(n, seqlen)
-    rows = []
+    rows, unanswered = [], 0
     for r in itertools.islice(_hub(src, streaming=True), stream) if stream else documents(src):
         p, a = example_ids(src.format, r, tok, src.max_source, src.max_target)
+        if len(p) >= seqlen:  # no answer token would be learned: the row only adds a NaN-prone empty loss
+            unanswered += 1
+            continue
         ids = (p + a)[:seqlen]
         labels = ([-100] * len(p) + a)[:seqlen]
         pad = seqlen - len(ids)
         rows.append([ids + [tok.pad_token_id] * pad, labels + [-100] * pad])
+    if unanswered:
+        msg = (f"data {src.name} (format={src.format}): {unanswered} of {unanswered + len(rows)} prompts fill "
+               f"seqlen={seqlen} tokens, leaving no answer to learn")
+        if not rows:
+            raise ConfigError(f"{msg}; raise train.seqlen or cut prompts with max_source")
+        log.warning("%s; they are left out", msg)
     return torch.tensor(rows, dtype=torch.long)
 
 

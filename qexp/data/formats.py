@@ -57,7 +57,7 @@ def texts(fmt: str, row: dict, tok: Any) -> tuple[str, str]:
         return prompt, target + tok.eos_token
     turn = [{"role": "user", "content": prompt}]
     head = tok.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(turn + [{"role": "assistant", "content": target}], tokenize=False)
+    full = tok.apply_chat_template([*turn, {"role": "assistant", "content": target}], tokenize=False)
     if not full.startswith(head):
         raise ValueError(f"format {fmt}: the chat template's conversation does not start with its prompt")
     return head, full[len(head):]

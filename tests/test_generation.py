@@ -170,3 +170,44 @@ def test_task_finetune_then_exact_match_end_to_end(task, cfg_factory, tok):
         assert s["arguments"][0][0] == texts(task, s["doc"], tok)[0]  # asked exactly the training prompt
         assert s["arguments"][0][1]["max_gen_toks"] == 6 and s["arguments"][0][1]["do_sample"] is False
         assert score(s["doc"], s["filtered_resps"]) == {"exact_match": s["exact_match"]}
+
+
+def test_analysis_puts_exact_match_beside_the_papers_task_columns(tmp_path):
+    """Records with exact_match/qexp_<task> fill LoTA-QAF Table 1's GSM8K / SQL / ViGGO columns and QWHA
+    Table 3's GSM8K column, x100, beside the CSV's values for the same model, bits and method."""
+    import pandas as pd
+
+    from qexp import analysis
+
+    fixture = Path(__file__).parent / "fixtures" / "records" / "fixture"
+    base = json.loads(next(fixture.glob("smollm2_135m-lota-w3g64-*/result.json")).read_text())
+    cells = [("lota_t1_tasks_paper", "llama3.1_8b_instruct", "lota", {"qexp_gsm8k": 0.8, "qexp_sql": 0.7,
+                                                                       "qexp_viggo": 0.6}),
+             ("qwha_t3_gsm8k_paper", "llama3.1_8b", "qwha", {"qexp_gsm8k_cot": 0.5})]
+    for i, (sweep, model, method, em) in enumerate(cells):
+        rec = json.loads(json.dumps(base))
+        rec |= {"name": sweep, "cell_id": f"c{i}", "metrics": {f"exact_match/{t}/final": v for t, v in em.items()}}
+        rec["config"] |= {"name": sweep, "bits": 4}
+        rec["config"]["model"]["name"], rec["config"]["method"] = model, {"name": method}
+        rec["config"]["quant"]["init"] = "gptq"
+        (tmp_path / f"c{i}").mkdir()
+        (tmp_path / f"c{i}" / "result.json").write_text(json.dumps(rec))
+    df = analysis.load(tmp_path).df
+    csv = pd.read_csv(Path(__file__).parents[1] / "qexp" / "analysis" / "paper_tables.csv", dtype=str)
+
+    def paper(p: str, table: str, model: str, method: str, task: str) -> float:
+        row = csv[(csv.paper == p) & (csv.table == table) & (csv.model == model) & (csv.bits == "4")
+                  & (csv.method == method) & csv.dataset_or_task.str.startswith(task)]
+        assert len(row) == 1
+        return float(row.value.iloc[0])
+
+    f = analysis.table(df, "lota_t1_tasks").frame()
+    row = ("llama3.1_8b_instruct", 4, "Llama-3.1-8B-Instruct")  # ours, and the paper model beside it
+    for col, ours in (("GSM8K", 80.0), ("SQL", 70.0), ("ViGGO", 60.0)):
+        assert f.at[row, (col, "lota", "ours")] == pytest.approx(ours)
+        want = paper("LoTA-QAF", "Table 1", "Llama-3.1-8B-Instruct", "LoTA-QAF", f"{col} (0-shot")
+        assert f.at[row, (col, "lota", "paper")] == want
+    f = analysis.table(df, "qwha_t3").frame()
+    row = ("llama3.1_8b", 4, "LLaMA-3.1-8B")
+    assert f.at[row, ("GSM8K", "qwha", "ours")] == pytest.approx(50.0)
+    assert f.at[row, ("GSM8K", "qwha", "paper")] == paper("QWHA", "Table 3", "LLaMA-3.1-8B", "QWHA", "GSM8K test")

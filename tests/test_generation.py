@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qexp import data, models
@@ -211,3 +212,23 @@ def test_analysis_puts_exact_match_beside_the_papers_task_columns(tmp_path):
     row = ("llama3.1_8b", 4, "LLaMA-3.1-8B")
     assert f.at[row, ("GSM8K", "qwha", "ours")] == pytest.approx(50.0)
     assert f.at[row, ("GSM8K", "qwha", "paper")] == paper("QWHA", "Table 3", "LLaMA-3.1-8B", "QWHA", "GSM8K test")
+
+
+def test_paired_exact_match_differences(tmp_path, capsys):
+    """Per-item scores of two cells on the same items: the difference, its interval, discordant counts."""
+    from qexp.analysis.paired import item_scores, main, paired
+
+    right = {"gptq": [1, 0, 0, 0] * 25, "lota": [1, 1, 0, 0] * 25}  # lota adds 25 items, loses none
+    for method, scores in right.items():
+        d = tmp_path / method / "samples_final"
+        d.mkdir(parents=True)
+        (d.parent / "result.json").write_text(json.dumps({"config": {"method": {"name": method}, "bits": 4}}))
+        (d / "qexp_asdiv.jsonl").write_text("".join(json.dumps({"doc_id": i, "exact_match": float(s)}) + "\n"
+                                                    for i, s in enumerate(scores)))
+    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4").set_index("cell")
+    assert t.at["lota-w4", "exact_match"] == 0.5 and t.at["lota-w4", "diff"] == pytest.approx(0.25)
+    half = 1.96 * pd.Series([1, 0, 0, 0] * 25).std(ddof=1) / 10
+    assert t.at["lota-w4", "ci_low"] == pytest.approx(0.25 - half) and t.at["lota-w4", "verdict"] == "higher"
+    assert (t.at["lota-w4", "a_only"], t.at["lota-w4", "b_only"]) == (25, 0)
+    main([str(tmp_path)])
+    assert "| lota-w4 | 100 | 50.0 | +25.0" in capsys.readouterr().out

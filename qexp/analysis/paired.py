@@ -22,8 +22,13 @@ import pandas as pd
 def item_scores(sweep: str | Path, task: str, stage: str = "final") -> pd.DataFrame:
     """One column per cell (``<method>-w<bits>``), one row per doc_id: the item's exact match (0/1)."""
     cols = {}
-    for f in sorted(Path(sweep).rglob(f"samples_{stage}/{task}.jsonl")):
-        rec = json.loads((f.parent.parent / "result.json").read_text())
+    for r in sorted(Path(sweep).rglob("result.json")):
+        rec = json.loads(r.read_text())
+        # a cell copied from another sweep (reused_from) keeps its samples there
+        f = next((d / f"samples_{stage}" / f"{task}.jsonl" for d in (r.parent, Path(rec.get("reused_from") or r.parent))
+                  if (d / f"samples_{stage}" / f"{task}.jsonl").exists()), None)
+        if f is None:
+            continue
         c = rec["config"]
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         cols[f"{c['method']['name']}-w{c['bits']}"] = pd.Series({r["doc_id"]: float(r["exact_match"]) for r in rows})

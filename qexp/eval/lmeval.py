@@ -5,7 +5,16 @@ and few-shot count), with ``log_samples`` off unless asked and lm-eval's default
 RNG states (Python, NumPy, torch) are restored afterwards, so training after the base evaluation
 draws the same numbers as without it.
 
+Generative tasks (``output_type: generate_until``, qexp/tasks/qexp_{gsm8k,gsm8k_cot,sql,viggo,asdiv}.yaml)
+run in the same call: HFLM generates greedily, batched (``lm_eval_batch_size``), with the KV cache and
+a progress bar; ``eval.max_new_tokens`` overrides the task's ``max_gen_toks``; a task whose YAML says
+``metadata.chat_template: true`` gets the tokenizer's chat template (:func:`check_generation` refuses
+a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a task's test data with a
+local JSONL file (same fields as the hub rows), for machines without hub access.
+
 Metric names (the caller appends ``/<stage>``):
+  ``exact_match/<task>``  the generative tasks' exact match (each paper's answer extraction,
+      qexp/tasks/generation.py)
   ``acc/<task>``, ``acc_norm/<task>``  lm-eval's acc / acc_norm of every task and group it reports
       (acc_norm only where the task defines it; a group such as ``mmlu`` and its categories too).
   ``acc/<suite>``       mean of the members' acc.
@@ -19,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -28,18 +38,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from ..config import ConfigError
-from ..tasks import FILES, data_dir, yaml_path
+from ..tasks import FILES, TASKS_DIR, data_dir, yaml_path
 
 log = logging.getLogger("qexp")
 
 # The papers' lm-eval names (conf/eval/papers.yaml); tests check them against lm-eval's registry.
 PAPER_TASKS = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "mmlu"]
 MMLU_CATEGORIES = ["mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other"]
-METRICS = ("acc", "acc_norm")
+METRICS = ("acc", "acc_norm", "exact_match")
 
 
 @cache
@@ -52,30 +61,75 @@ def task_manager(hub: bool):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=hub)
 
 
-def task_spec(name: str, cache_dir: str) -> str | dict:
-    """What ``simple_evaluate`` gets for ``name``: an offline task's YAML with its data directory set
-    to ``<cache_dir>/tasks`` (checked to exist), or the registry name itself."""
-    if name not in FILES:
+def pack_task(name: str) -> bool:
+    """A task of qexp's own pack (a YAML in qexp/tasks), offline or hub-backed."""
+    return yaml_path(name).exists()
+
+
+def task_config(name: str) -> dict:
+    """A pack task's YAML as lm-eval reads it (``!function`` resolved against qexp/tasks)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(yaml_path(name), resolve_func=True, recursive=True)
+
+
+def task_spec(name: str, cache_dir: str, ecfg: Any = None) -> str | dict:
+    """What ``simple_evaluate`` gets for ``name``: a pack task's config (offline data directory set to
+    ``<cache_dir>/tasks`` and checked to exist; ``ecfg.task_data`` and ``ecfg.max_new_tokens`` applied),
+    or the registry name itself."""
+    if not pack_task(name):
         return name
-    d = data_dir(cache_dir)
-    missing = [f for f in FILES[name] if not (d / f).exists()]
-    if missing:
-        raise ConfigError(f"offline task {name} needs {', '.join(missing)} in {d}: run "
-                          f"`python -m qexp.tasks.build --cache-dir {cache_dir}` (`make setup` does)")
-    cfg = yaml.safe_load(yaml_path(name).read_text())
-    cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_dir": str(d)}
+    cfg = task_config(name)
+    local = (ecfg.get("task_data") or {}).get(name) if ecfg is not None else None
+    if local is not None:
+        path = Path(local).expanduser()
+        if not path.exists():
+            raise ConfigError(f"eval.task_data.{name}={local!r} does not exist")
+        cfg |= {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
+        for key in ("dataset_name", "process_docs", "training_split", "validation_split", "fewshot_split"):
+            cfg.pop(key, None)
+    elif name in FILES:
+        d = data_dir(cache_dir)
+        missing = [f for f in FILES[name] if not (d / f).exists()]
+        if missing:
+            raise ConfigError(f"offline task {name} needs {', '.join(missing)} in {d}: run "
+                              f"`python -m qexp.tasks.build --cache-dir {cache_dir}` (`make setup` does)")
+        cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_dir": str(d)}
+    elif os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"task {name} reads the hub dataset {cfg['dataset_path']!r}, but the hub is offline "
+                          f"here: give a local copy with eval.task_data.{name}=<file.jsonl>")
+    if ecfg is not None and ecfg.get("max_new_tokens") is not None and "generation_kwargs" in cfg:
+        cfg["generation_kwargs"] = {**cfg["generation_kwargs"], "max_gen_toks": int(ecfg.max_new_tokens)}
     return cfg
 
 
+def needs_chat_template(name: str) -> bool:
+    return pack_task(name) and bool(task_config(name).get("metadata", {}).get("chat_template"))
+
+
+def check_generation(tok: Any, ecfg: Any, formats: list[str] = ()) -> None:
+    """Before any work: a task or training format whose protocol uses the chat template needs a
+    tokenizer that has one."""
+    from ..data.formats import FORMATS
+
+    users = [f"eval.tasks: {t}" for t in ecfg.tasks if needs_chat_template(t)]
+    users += [f"data format {f}" for f in formats if f in FORMATS and FORMATS[f].chat]
+    if users and not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{', '.join(users)} follow a protocol with the model's chat template, and this "
+                          f"model's tokenizer ({getattr(tok, 'name_or_path', '?')}) has none: use an instruct "
+                          f"model (e.g. model=llama3.1_8b_instruct), as the paper does")
+
+
 def check_tasks(tasks: list[str]) -> None:
-    """Every name is an offline task or an lm-eval registry name (indexes the registry only if needed)."""
-    hub = [t for t in tasks if t not in FILES]
+    """Every name is a qexp pack task or an lm-eval registry name (indexes the registry only if needed)."""
+    hub = [t for t in tasks if not pack_task(t)]
     if not hub:
         return
     known = set(task_manager(True).all_tasks)
     bad = [t for t in hub if t not in known]
     if bad:
-        raise ConfigError(f"eval.tasks: {bad} are neither qexp offline tasks ({', '.join(FILES)}) nor lm-eval "
+        pack = sorted(p.stem for p in TASKS_DIR.glob("qexp_*.yaml"))
+        raise ConfigError(f"eval.tasks: {bad} are neither qexp pack tasks ({', '.join(pack)}) nor lm-eval "
                           f"task/group names; the papers' names are {', '.join(PAPER_TASKS)}")
 
 
@@ -148,7 +202,7 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
 
     tasks = list(ecfg.tasks)
     check_tasks(tasks)
-    tm = task_manager(any(t not in FILES for t in tasks))
+    tm = task_manager(any(not pack_task(t) for t in tasks))
     device = next(model.parameters()).device
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=ecfg.lm_eval_batch_size, device=str(device))
@@ -157,8 +211,9 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
         with _quiet(), _keep_rng(), torch.no_grad():
-            out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir)], task_manager=tm,
+            out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir, ecfg)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
+                                  apply_chat_template=needs_chat_template(name),
                                   log_samples=bool(ecfg.log_samples and samples_dir), bootstrap_iters=1000)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         for task, r in out["results"].items():

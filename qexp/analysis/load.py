@@ -76,7 +76,7 @@ def record_metrics(rec: dict) -> dict[str, float]:
     out = {k: v for k, v in (rec.get("metrics") or {}).items() if _num(v) is not None}
     sections = {"time": rec.get("timings"), "mem": rec.get("memory"), "merge": rec.get("merge"),
                 "train": {k: v for k, v in (rec.get("train") or {}).items() if k.startswith("loss_")},
-                "size": rec.get("size"), "export": rec.get("export")}
+                "size": rec.get("size"), "export": rec.get("export"), "init": rec.get("init")}
     for kind, sec in sections.items():
         for k, v in flatten(sec or {}).items():
             if _num(v) is not None:

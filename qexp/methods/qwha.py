@@ -214,7 +214,7 @@ def needs_hessian(cfg: QWHAConfig) -> bool:
 
 def _top_mask(score: Tensor, p: int, mask: Tensor | None = None) -> Tensor:
     """``mask`` (or an empty one) plus the ``p`` largest entries of ``score`` outside it."""
-    mask = torch.zeros_like(score, dtype=torch.bool) if mask is None else mask.clone()
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device) if mask is None else mask.clone()
     flat = score.flatten().masked_fill(mask.flatten(), -torch.inf)
     return mask.view(-1).index_fill_(0, torch.topk(flat, p).indices, True).view(score.shape)
 
@@ -383,6 +383,20 @@ def init_error_report(errors: dict[str, tuple[float, float]]) -> dict:
         out["layer_error_none"][kind] = sum(e[0] for e in es) / len(es)
         out["layer_error"][kind] = sum(e[1] for e in es) / len(es)
     return out
+
+
+class SparseBaseline(Method):
+    """QWHA's zero-initialized sparse baselines (SSH, LoCA, SHiRA): ``cfg.rank`` sets QWHA's budget,
+    checked for every target before any work (their FFT transforms take any width)."""
+
+    def __init__(self, cfg, spec) -> None:
+        super().__init__(cfg, spec)
+        if cfg.rank <= 0:
+            raise ValueError(f"method.rank={cfg.rank} must be positive")
+
+    def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
+        for name, lin in targets.items():
+            budget(self.cfg.rank, name, lin)
 
 
 def budget(rank: int, name: str, lin: nn.Linear) -> int:

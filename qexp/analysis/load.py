@@ -81,6 +81,11 @@ def record_metrics(rec: dict) -> dict[str, float]:
         for k, v in flatten(sec or {}).items():
             if _num(v) is not None:
                 out[f"{kind}/{k.removesuffix('_s') if kind == 'time' else k}"] = v
+    steps, train_s = (rec.get("train") or {}).get("steps"), (rec.get("timings") or {}).get("train_s")
+    t = (rec.get("config") or {}).get("train") or {}
+    if _num(steps) and _num(train_s) is not None:  # QWHA Table 5: training time per step, by batch
+        out["time/train_step"] = train_s / steps
+        out[f"time/train_step_b{t.get('batch_size', 1) * t.get('grad_accum', 1)}"] = train_s / steps
     return {M.parse(k).name: float(_num(v)) for k, v in out.items()}
 
 

@@ -160,7 +160,8 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str) -
            and all(getattr(r, k) == row[k] for k in fixed)]
     stages = ["fp"] if method == "fp16" else list(dict.fromkeys([sp.get("stages", {}).get(method, stage), stage]))
     have = {r.metric for r in sel}
-    name = next((n for st in stages if (n := M.pick(have, col["ours"], st))), None)
+    # stage-less metrics (time/…, init/…) after the staged ones
+    name = next((n for st in [*stages, None] if (n := M.pick(have, col["ours"], st))), None)
     if name is None:
         return np.nan, None, 0
     hit = [r for r in sel if r.metric == name]
@@ -186,6 +187,35 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
         if "group_size" in sp["rows"]:  # never show a per-channel number in a grouped row or vice versa
             return np.nan, np.nan
     return (c[0].value_f, c[0].group_n) if c else (np.nan, np.nan)
+
+
+def runnable(paper: str) -> tuple[int, int, list[str]]:
+    """How many of ``paper``'s rows in the CSV name a method qexp can run (a registered method, a
+    variant of one, or the unquantized model), the row count, and the method labels it cannot run."""
+    from ..methods import registry as methods
+
+    reg, names = registry(), set(methods())
+    ok = {"fp16", *names} | {v for v, s in reg.get("variants", {}).items() if s["method"] in names}
+    labels = {a for m, aliases in reg["methods"].items() if m in ok for a in aliases or []}
+    rows = paper_values()
+    rows = rows[rows["paper"] == paper]
+    hit = rows["method"].isin(labels)
+    return int(hit.sum()), len(rows), sorted(set(rows.loc[~hit, "method"]))
+
+
+def variants(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Cells of a method run with a variant's config (``tables.yaml`` ``variants``, e.g. ``qwha_dct``:
+    qwha with ``method.transform=dct``) are that variant's, not the method's, in tables that list it."""
+    spec_ = registry().get("variants", {})
+    df = df.copy()
+    for v in names:
+        if v not in spec_:
+            continue
+        hit = df["method"] == spec_[v]["method"]
+        for key, val in spec_[v].get("config", {}).items():
+            hit &= df[key].astype(str) == str(val) if key in df else False
+        df.loc[hit, "method"] = v
+    return df
 
 
 def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
@@ -226,6 +256,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     own = [n for n in sp.get("sweeps", []) if n in set(df["sweep"])]
     if own:  # the table's own experiments only: other sweeps (lr studies, ...) never mix into its means
         df = df[df["sweep"].isin(own)]
+    df = variants(df, sp["methods"])
     where, keys = sp.get("where", {}), list(sp["rows"])
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))

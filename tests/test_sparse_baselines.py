@@ -162,3 +162,16 @@ def test_loca_trains_coefficients_then_locations(cfg_factory):
                                "group_size=32", "method.loc_start=0.2", "method.loc_every=1", "train.lr=1e-2"))
     assert rec["status"] == "ok", rec.get("error")
     assert rec["merge"]["deployed"] == "integer base + fp adapter" and not rec["merge"]["lossless"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method=qwha method.transform=fft", r"method.transform='fft' is not valid; choose one of: wht, dct, dht, none"),
+    ("method=qwha method.select=top", r"method.select='top' is not valid; choose one of: adaalloc, random, magnitude"),
+    ("method=shira method.mask=grad", r"method.mask='grad' is not valid; choose one of: random, magnitude"),
+    ("method=loca method.loc_every=0", r"loc_every=0: need"),
+])
+def test_bad_choices_are_refused_by_validate_before_any_work(cfg_factory, override, message):
+    from qexp.config import validate
+
+    with pytest.raises(ValueError, match=message):
+        validate(cfg_factory(*override.split()))

@@ -42,6 +42,13 @@ class LoCAConfig(MethodConfig):
     loc_end: float = 0.8  # fraction of the steps after which the locations are frozen
     loc_every: int = 2  # one location step per loc_every steps between loc_start and loc_end
 
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be positive")
+        if not (0.0 <= self.loc_start <= self.loc_end <= 1.0) or self.loc_every < 1:
+            raise ValueError(f"method.loc_start={self.loc_start}, loc_end={self.loc_end}, loc_every={self.loc_every}: "
+                             "need 0 <= loc_start <= loc_end <= 1 and loc_every >= 1")
+
 
 class _Scatter(torch.autograd.Function):
     """``F = S(c, round(l))``; backward: ``G[l]`` for ``c`` and the finite-difference location
@@ -149,12 +156,6 @@ class LoCAOptimizer(torch.optim.AdamW):
 class LoCA(SparseBaseline):
     name = "loca"
     Config = LoCAConfig
-
-    def __init__(self, cfg: LoCAConfig, spec) -> None:
-        super().__init__(cfg, spec)
-        if not (0.0 <= cfg.loc_start <= cfg.loc_end <= 1.0) or cfg.loc_every < 1:
-            raise ValueError(f"method.loc_start={cfg.loc_start}, loc_end={cfg.loc_end}, loc_every={cfg.loc_every}: "
-                             "need 0 <= loc_start <= loc_end <= 1 and loc_every >= 1")
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         p = budget(self.cfg.rank, name, linear)

@@ -57,6 +57,14 @@ class QWHAConfig(MethodConfig):
     calib_samples: int = 32  # calibration sequences used for XᵀX (≤ 0: all that are passed)
     calib_batch: int = 4  # sequences per calibration forward
 
+    def __post_init__(self) -> None:  # refused when the config is built (qexp.config.validate), before any work
+        for key, choices in [("transform", T.TRANSFORMS), ("select", SELECTS), ("init", INITS),
+                             ("alpha_semantics", SEMANTICS), ("alloc_weight", SEMANTICS), ("score", SEMANTICS)]:
+            if (value := getattr(self, key)) not in choices:
+                raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be positive")
+
 
 def sparse_delta(idx: Tensor, c: Tensor, shape: tuple[int, int], scale: float, transform: str = "wht",
                  two_d: bool = False) -> Tensor:
@@ -290,13 +298,7 @@ class QWHA(Method):
 
     def __init__(self, cfg: QWHAConfig, spec) -> None:
         super().__init__(cfg, spec)
-        for key, value, choices in [("transform", cfg.transform, T.TRANSFORMS), ("select", cfg.select, SELECTS),
-                                    ("init", cfg.init, INITS), ("alpha_semantics", cfg.alpha_semantics, SEMANTICS),
-                                    ("alloc_weight", cfg.alloc_weight, SEMANTICS), ("score", cfg.score, SEMANTICS)]:
-            if value not in choices:
-                raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-        if cfg.rank <= 0:
-            raise ValueError(f"method.rank={cfg.rank} must be positive")
+        cfg.__post_init__()  # a config edited after construction (bench) is checked again
         self.hessians: dict[str, Tensor] = {}
         self._terms: dict[int, tuple[tuple[Tensor, Tensor, Tensor], int]] = {}  # id(XᵀX) -> (terms, users left)
         self.stats: dict[str, float] = {"calib_s": 0.0, "init_s": 0.0, "layers": 0}
@@ -387,12 +389,8 @@ def init_error_report(errors: dict[str, tuple[float, float]]) -> dict:
 
 class SparseBaseline(Method):
     """QWHA's zero-initialized sparse baselines (SSH, LoCA, SHiRA): ``cfg.rank`` sets QWHA's budget,
-    checked for every target before any work (their FFT transforms take any width)."""
-
-    def __init__(self, cfg, spec) -> None:
-        super().__init__(cfg, spec)
-        if cfg.rank <= 0:
-            raise ValueError(f"method.rank={cfg.rank} must be positive")
+    checked for every target before any work (their FFT transforms take any width). Their configs
+    check their own values when built (``__post_init__``), so bad values fail in ``validate``."""
 
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
         for name, lin in targets.items():

@@ -32,6 +32,12 @@ class SHiRAConfig(MethodConfig):
     alpha: float = 4000.0  # ΔW = α/√(d_in·d_out) · F (see the module docstring)
     mask: str = "random"  # random (SHiRA-Rand) | magnitude (SHiRA-WM, largest |W0|)
 
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be positive")
+        if self.mask not in MASKS:
+            raise ValueError(f"method.mask={self.mask!r} is not valid; choose one of: {', '.join(MASKS)}")
+
 
 class SHiRALinear(SparseSpectralLinear):
     """Frozen integer base + ``p`` trainable weight deltas at a fixed mask (zero init)."""
@@ -41,11 +47,6 @@ class SHiRALinear(SparseSpectralLinear):
 class SHiRA(SparseBaseline):
     name = "shira"
     Config = SHiRAConfig
-
-    def __init__(self, cfg: SHiRAConfig, spec) -> None:
-        super().__init__(cfg, spec)
-        if cfg.mask not in MASKS:
-            raise ValueError(f"method.mask={cfg.mask!r} is not valid; choose one of: {', '.join(MASKS)}")
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         p = budget(self.cfg.rank, name, linear)

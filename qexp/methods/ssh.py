@@ -32,6 +32,12 @@ class SSHConfig(MethodConfig):
     alpha: float = 4000.0  # ΔW = α·iDHT₂(F) in QWHA's units (see the module docstring)
     random_fraction: float = 0.5  # share of the budget drawn at random (SSH: half)
 
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be positive")
+        if not 0.0 <= self.random_fraction <= 1.0:
+            raise ValueError(f"method.random_fraction={self.random_fraction} must be in [0, 1]")
+
 
 class SSHLinear(SparseSpectralLinear):
     """Frozen integer base + sparse 2-D Hartley coefficients (zero init)."""
@@ -50,11 +56,6 @@ def ssh_locations(w0: Tensor, p: int, random_fraction: float, generator: torch.G
 class SSH(SparseBaseline):
     name = "ssh"
     Config = SSHConfig
-
-    def __init__(self, cfg: SSHConfig, spec) -> None:
-        super().__init__(cfg, spec)
-        if not 0.0 <= cfg.random_fraction <= 1.0:
-            raise ValueError(f"method.random_fraction={cfg.random_fraction} must be in [0, 1]")
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         p = budget(self.cfg.rank, name, linear)

@@ -61,3 +61,28 @@ def test_magr_stage_in_a_cell(cfg_factory):
                                "group_size=32"))
     assert rec["status"] == "ok", rec.get("error")
     assert rec["config"]["quant"]["magr"] is True and rec["merge"]["lossless"]
+
+
+def test_magr_before_gptq_rounds_the_magr_weights_and_leaves_the_model_alone():
+    from omegaconf import OmegaConf
+
+    from qexp.config import QuantConfig
+    from qexp.models import targets as find_targets
+    from qexp.quant.base import base_quantizer
+    from qexp.quant.magr import magr_weights
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    tg = find_targets(model, ["q_proj", "down_proj"])
+    before = {n: m.weight.detach().clone() for n, m in tg.items()}
+    calib = torch.randint(0, 128, (4, 32))
+    spec = QuantSpec(3, 32)
+    cfg = OmegaConf.structured(QuantConfig(init="gptq", magr=True, magr_alpha=1e-3, magr_iters=20, cache=False))
+    with_magr = base_quantizer(cfg, spec, model, dict(tg), lambda: calib)
+    plain = base_quantizer(OmegaConf.merge(cfg, {"magr": False}), spec, model, dict(tg), lambda: calib)
+    for n, m in tg.items():
+        assert torch.equal(m.weight, before[n])  # the method still sees W0
+    pre = magr_weights(spec, model, dict(tg), calib, 1e-3, 20)
+    n = next(iter(tg))
+    assert not torch.equal(pre[n], before[n]) and pre[n].abs().max() < before[n].abs().max()
+    assert not torch.equal(with_magr(n, tg[n]).codes, plain(n, tg[n]).codes)

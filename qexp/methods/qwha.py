@@ -1,20 +1,26 @@
 """QWHA (Jeon et al., ICLR 2026): quantization-aware Walsh–Hadamard adaptation.
 
 Per target linear, a sparse coefficient matrix ``F`` (``p`` trainable values ``c`` at fixed
-locations ``E``) is mapped to a dense update by one inverse WHT along the input dim:
-``ΔW = scale · iWHT(F)`` and ``y = x (W_Q + ΔW)ᵀ`` with ``W_Q`` the dequantized frozen base.
-The budget is LoRA's parameter count, ``p = r (d_in + d_out)``.
+locations ``E``) is mapped to a dense update by one inverse transform along the input dim:
+``ΔW = scale · T⁻¹(F)`` and ``y = x (W_Q + ΔW)ᵀ`` with ``W_Q`` the dequantized frozen base.
+``T`` is the WHT (QWHA) or, for the paper's Table 4 ablations, the DCT, the DHT or none
+(``transform``; :mod:`qexp.quant.transforms`, all with ``T Tᵀ = n I``). The budget is LoRA's
+parameter count, ``p = r (d_in + d_out)``.
 
 Initialization (AdaAlloc + value refinement) minimizes ``‖(ΔW_Q − ΔW) X‖`` with
 ``ΔW_Q = W0 − W_Q`` on calibration activations:
-  1. ``Hs = XᵀX + λI`` (fp64, ``λ = damp·mean diag``); ``B = R Hᵀ/d_in`` with ``RᵀR = Hs``.
-  2. ``x0_j = fwht(δ_j)``: the dense WHT coefficients of channel j's error.
+  1. ``Hs = XᵀX + λI`` (fp64, ``λ = damp·mean diag``); ``B = R Tᵀ/d_in`` with ``RᵀR = Hs``.
+  2. ``x0_j = T(δ_j)``: the dense coefficients of channel j's error.
   3. AdaAlloc: channel budgets ``p_j ∝ w_j^t`` (capped at d_in, overflow and leftover
      redistributed so ``Σ p_j = p``); ``w_j = ‖x0_j‖`` (code) or ``‖(ΔW_Q X)_j‖`` (paper).
-  4. Inside a channel, top-p_j by ``‖B_k‖² x0_jk²`` (code) or ``|x0_jk|`` (paper).
-  5. Refinement: ``c_j = (B'ᵀB')⁻¹ B'ᵀ v_j``, ``v_j = R δ_j``.
-Everything needs only ``Hs``, never ``R`` itself: ``BᵀB = H Hs Hᵀ/d²`` and ``Bᵀv_j = H Hs δ_j/d``
+  4. Inside a channel, top-p_j by ``‖B_k‖² x0_jk²`` (code) or ``|x0_jk|`` (paper) (``score``).
+     Table 2/4's other selections (``select``): random, magnitude, ssh, loca (see :func:`qwha_init`).
+  5. Refinement: ``c_j = (B'ᵀB')⁻¹ B'ᵀ v_j``, ``v_j = R δ_j`` (``init=zero``: c = 0 instead).
+Everything needs only ``Hs``, never ``R`` itself: ``BᵀB = T Hs Tᵀ/d²`` and ``Bᵀv_j = T Hs δ_j/d``
 (the normal equations of the spec's least squares, evaluated without the eigendecomposition).
+
+The zero-initialized sparse baselines (SSH, LoCA, SHiRA) reuse this file's layer
+(:class:`SparseSpectralLinear`), selections and budget rule.
 
 Not on the integer grid: the deployed model is the integer base plus the fp sparse adapter.
 """

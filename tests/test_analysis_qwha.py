@@ -22,8 +22,8 @@ T4 = {  # variant -> method config of its cells
 DEFAULT = {"transform": "wht", "select": "adaalloc", "init": "qa", "refine": True, "temperature": 1.0}
 
 
-def record(sweep: str, i: int, method: str, extra: dict, **sections) -> tuple[str, dict]:
-    cfg = {"model": {"name": "smollm2_135m"}, "data": {"name": "embedded"}, "bits": 4, "group_size": 64, "seed": 0,
+def record(sweep: str, i: int, method: str, extra: dict, bits: int = 4, **sections) -> tuple[str, dict]:
+    cfg = {"model": {"name": "smollm2_135m"}, "data": {"name": "embedded"}, "bits": bits, "group_size": 64, "seed": 0,
            "method": {"name": method, **extra}, "train": {"batch_size": 2, "grad_accum": 1}, "quant": {"init": "gptq"}}
     return f"{sweep}/{i}", {"status": "ok", "name": sweep, "cell_id": f"c{i}", "config": cfg, **sections}
 
@@ -48,7 +48,7 @@ def test_table2_reads_the_init_errors_and_checks_the_ordering():
     errors = {"qwha_zero": 9.0, "qwha_random": 7.0, "qwha_ssh": 5.0, "qwha_magnitude": 4.0, "qwha": 3.0}
     cfgs = {"qwha_zero": {"init": "zero"}, "qwha_random": {"select": "random"}, "qwha_ssh": {"select": "ssh"},
             "qwha_magnitude": {"select": "magnitude"}, "qwha": {}}
-    recs = [record("qwha_t2_embedded", i, "qwha", {**DEFAULT, **cfgs[m]},
+    recs = [record("qwha_t2_embedded", i, "qwha", {**DEFAULT, **cfgs[m]}, bits=2,  # the paper's are 4-bit only
                    init={"layer_error": {"q_proj": e, "avg": e}, "layer_error_none": {"q_proj": 9.0, "avg": 9.0}})
             for i, (m, e) in enumerate(errors.items())]
     t = analysis.table(from_records(recs).df, "qwha_t2")

@@ -174,6 +174,8 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
     c = [r for r in csv if r.model == pm and r.method == label and r.dataset_or_task.startswith(prefixes)]
     if "bits" in row:
         at = [r for r in c if r.bits_n == row["bits"]]
+        if not at and sp.get("paper_bits"):  # a table the paper gives at one bit width only (QWHA Tables 2, 5, 13)
+            at = [r for r in c if r.bits_n == sp["paper_bits"]]
         if not at:  # 16-bit rows (FP16, LoRA) stand beside every bit width
             at = [r for r in c if r.bits_n == 16]
             return (at[0].value_f, np.nan) if at else (np.nan, np.nan)
@@ -306,6 +308,9 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
     if own:
         notes.insert(1, f"Records of the sweep(s) {', '.join(own)} only.")
+    if sp.get("paper_bits"):
+        notes.insert(1, f"The paper gives this table at {sp['paper_bits']} bits only: its values stand beside ours at "
+                        "every bit width.")
     return Table(name, sp, values.drop(columns=["sign", "sign_ours"]), order,
                  notes[:1] + sorted(fallbacks) + notes[1:])
 

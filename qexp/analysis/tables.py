@@ -107,6 +107,8 @@ class Table:
         """Strings ``ours [paper]`` per (column, paper label); row keys as columns."""
         f = self.frame()
         labels = dict(zip(self.values["method"], self.values["label"], strict=False))
+        shared = {lab for lab in labels.values() if lab and list(labels.values()).count(lab) > 1}
+        labels = {m: f"{lab} ({m})" if lab in shared else lab for m, lab in labels.items()}  # gptq, gptq_magr
         proxy = self.values.set_index([*self.keys, "column"])["proxy"]
         proxy = proxy[~proxy.index.duplicated()]
 

@@ -79,6 +79,9 @@ class QuantConfig:
     damp: float = 0.01  # GPTQ dampening, fraction of mean diag(H)
     act_order: bool = False
     cache: bool = True  # reuse a GPTQ base from cache_dir/gptq (keyed by weights, calib ids, settings, code)
+    magr: bool = False  # MagR preprocessing before RTN/GPTQ (qexp/quant/magr.py; QWHA's base: gptq + magr)
+    magr_alpha: float = 1e-4  # MagR's ℓ∞ weight (paper: 1e-4 per group, 1e-3 per channel)
+    magr_iters: int = 200
 
 
 @dataclass

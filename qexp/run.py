@@ -86,6 +86,7 @@ def run_cell(cfg: DictConfig) -> dict:
             with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
                 adapt.attach(model, method, targets, cfg.quant, calib,
                              models.cache_root(cfg.cache_dir) / "gptq" if cfg.quant.cache else None)
+                rec.data["init"] = method.report()  # e.g. QWHA's layer-output error after init
             if cfg.eval.base:
                 evaluate("base")
             if method.TRAINS:

@@ -104,7 +104,7 @@ def test_model_widths_split_invert_and_are_orthogonal(n):
 def test_every_config_width_is_supported_by_qwha():
     widths = {w for pair in MODEL_WIDTHS.values() for w in pair}
     assert widths == set(SPLITS)
-    method = QWHA(QWHAConfig(rank=1, init="zero"), QuantSpec(4, 64))
+    method = QWHA(QWHAConfig(rank=1, select="random", init="zero"), QuantSpec(4, 64))
     for name, (hidden, inter) in MODEL_WIDTHS.items():
         targets = {f"{name}.q_proj": nn.Linear(hidden, 64, bias=False, device="meta"),
                    f"{name}.down_proj": nn.Linear(inter, 64, bias=False, device="meta")}

@@ -58,8 +58,8 @@ def test_refinement_lowers_layer_output_error():
     _, _, dq, h = correlated_layer()
     p = 4 * sum(dq.shape)
     err = {}
-    for label, kw in [("zero", {"init": "zero"}), ("select", {"refine": False}), ("refined", {}),
-                      ("random_refined", {"init": "random"})]:
+    for label, kw in [("zero", {"select": "random", "init": "zero"}), ("select", {"refine": False}), ("refined", {}),
+                      ("random_refined", {"select": "random"})]:
         idx, c = qwha_init(dq, h, p, QWHAConfig(**kw), torch.Generator().manual_seed(0))
         assert idx.numel() == p == idx.unique().numel()
         err[label] = layer_output_error(dq, dense_update(idx, c, dq.shape), h)
@@ -108,8 +108,10 @@ def test_layer_first_forward_is_the_refined_update_and_only_c_trains():
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match=r"method.init='svd'.*adaalloc"):
-        QWHA(QWHAConfig(init="svd"), QuantSpec(3, 64))
+    with pytest.raises(ValueError, match=r"method.select='svd'.*adaalloc, random, magnitude, loca, ssh"):
+        QWHA(QWHAConfig(select="svd"), QuantSpec(3, 64))
+    with pytest.raises(ValueError, match=r"method.transform='fft'.*wht, dct, dht, none"):
+        QWHA(QWHAConfig(transform="fft"), QuantSpec(3, 64))
     method = QWHA(QWHAConfig(rank=64), QuantSpec(3, 64))
     with pytest.raises(ValueError, match=r"method.rank=64: budget p=8192 exceeds d_in·d_out=4096.*rank ≤ 32"):
         method.budget("q_proj", torch.nn.Linear(64, 64))
@@ -149,7 +151,7 @@ def test_attach_shares_hessians_and_merge_reproduces_the_training_forward():
 def test_zero_init_starts_from_the_base():
     _, qw, dq, _ = correlated_layer()
     lin = torch.nn.Linear(48, 96, bias=False)
-    layer = QWHA(QWHAConfig(rank=4, init="zero"), QuantSpec(3, 16)).layer("l", lin, qw)
+    layer = QWHA(QWHAConfig(rank=4, select="random", init="zero"), QuantSpec(3, 16)).layer("l", lin, qw)
     assert torch.equal(layer.delta(), torch.zeros_like(dq, dtype=torch.float32))
     assert layer.idx.unique().numel() == 4 * 144
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 
 from . import flat, list_tables, load, log_table, save_plots, table, wide
 from .compare import compare, compare_markdown
-from .tables import registry
+from .tables import registry, runnable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", nargs="?", help="results dir, W&B export (.csv/.json/.jsonl) or wandb:<entity>/<project>")
     p.add_argument("--table", action="append", default=[], help="paper table to fill (repeatable; 'all')")
     p.add_argument("--list", action="store_true", help="list the paper tables and exit")
+    p.add_argument("--runnable", metavar="PAPER", help="share of PAPER's rows (e.g. QWHA) whose method qexp runs")
     p.add_argument("--paper-model", help="the paper's model to compare with (default: the table's reference)")
     p.add_argument("--compare", action="append", default=[], metavar="METRIC",
                    help="method x bits grid of METRIC (e.g. ppl/wikitext_sample), base -> final (repeatable)")
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.list:
         print(list_tables().to_string(index=False))
+        return 0
+    if a.runnable:
+        n, total, missing = runnable(a.runnable)
+        print(f"{a.runnable}: {n}/{total} rows ({100 * n / max(total, 1):.1f} %) name a method qexp runs"
+              + (f"; not: {', '.join(missing)}" if missing else ""))
         return 0
     if not a.source:
         p.error("a results source is required (or --list)")

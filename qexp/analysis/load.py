@@ -89,11 +89,16 @@ def record_metrics(rec: dict) -> dict[str, float]:
     out = {k: v for k, v in (rec.get("metrics") or {}).items() if _num(v) is not None}
     sections = {"time": rec.get("timings"), "mem": rec.get("memory"), "merge": rec.get("merge"),
                 "train": {k: v for k, v in (rec.get("train") or {}).items() if k.startswith("loss_")},
-                "size": rec.get("size"), "export": rec.get("export")}
+                "size": rec.get("size"), "export": rec.get("export"), "init": rec.get("init")}
     for kind, sec in sections.items():
         for k, v in flatten(sec or {}).items():
             if _num(v) is not None:
                 out[f"{kind}/{k.removesuffix('_s') if kind == 'time' else k}"] = v
+    steps, train_s = (rec.get("train") or {}).get("steps"), (rec.get("timings") or {}).get("train_s")
+    t = (rec.get("config") or {}).get("train") or {}
+    if _num(steps) and _num(train_s) is not None:  # QWHA Table 5: training time per step, by batch
+        out["time/train_step"] = train_s / steps
+        out[f"time/train_step_b{t.get('batch_size', 1) * t.get('grad_accum', 1)}"] = train_s / steps
     return {M.parse(k).name: float(_num(v)) for k, v in out.items()}
 
 

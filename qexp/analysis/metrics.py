@@ -15,7 +15,7 @@ STAGES = ("fp", "base", "unmerged", "final")
 # kind -> +1 (higher is better) or -1 (lower is better); as PEFT's method_comparison does it, one table.
 DIRECTIONS: dict[str, int] = {
     "ppl": -1, "acc": +1, "acc_norm": +1, "exact_match": +1, "f1": +1,
-    "time": -1, "mem": -1, "size": -1, "export": -1, "train": -1, "merge": -1,
+    "time": -1, "mem": -1, "size": -1, "export": -1, "train": -1, "merge": -1, "init": -1,
 }
 # Exact names whose direction differs from their kind's (None: no "better", e.g. a count).
 OVERRIDES: dict[str, int | None] = {

@@ -107,6 +107,8 @@ class Table:
         """Strings ``ours [paper]`` per (column, paper label); row keys as columns."""
         f = self.frame()
         labels = dict(zip(self.values["method"], self.values["label"], strict=False))
+        shared = {lab for lab in labels.values() if lab and list(labels.values()).count(lab) > 1}
+        labels = {m: f"{lab} ({m})" if lab in shared else lab for m, lab in labels.items()}  # gptq, gptq_magr
         proxy = self.values.set_index([*self.keys, "column"])["proxy"]
         proxy = proxy[~proxy.index.duplicated()]
 
@@ -160,7 +162,8 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str) -
            and all(getattr(r, k) == row[k] for k in fixed)]
     stages = ["fp"] if method == "fp16" else list(dict.fromkeys([sp.get("stages", {}).get(method, stage), stage]))
     have = {r.metric for r in sel}
-    name = next((n for st in stages if (n := M.pick(have, col["ours"], st))), None)
+    # stage-less metrics (time/…, init/…) after the staged ones
+    name = next((n for st in [*stages, None] if (n := M.pick(have, col["ours"], st))), None)
     if name is None:
         return np.nan, None, 0
     hit = [r for r in sel if r.metric == name]
@@ -173,6 +176,8 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
     c = [r for r in csv if r.model == pm and r.method == label and r.dataset_or_task.startswith(prefixes)]
     if "bits" in row:
         at = [r for r in c if r.bits_n == row["bits"]]
+        if not at and sp.get("paper_bits"):  # a table the paper gives at one bit width only (QWHA Tables 2, 5, 13)
+            at = [r for r in c if r.bits_n == sp["paper_bits"]]
         if not at:  # 16-bit rows (FP16, LoRA) stand beside every bit width
             at = [r for r in c if r.bits_n == 16]
             return (at[0].value_f, np.nan) if at else (np.nan, np.nan)
@@ -186,6 +191,35 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
         if "group_size" in sp["rows"]:  # never show a per-channel number in a grouped row or vice versa
             return np.nan, np.nan
     return (c[0].value_f, c[0].group_n) if c else (np.nan, np.nan)
+
+
+def runnable(paper: str) -> tuple[int, int, list[str]]:
+    """How many of ``paper``'s rows in the CSV name a method qexp can run (a registered method, a
+    variant of one, or the unquantized model), the row count, and the method labels it cannot run."""
+    from ..methods import registry as methods
+
+    reg, names = registry(), set(methods())
+    ok = {"fp16", *names} | {v for v, s in reg.get("variants", {}).items() if s["method"] in names}
+    labels = {a for m, aliases in reg["methods"].items() if m in ok for a in aliases or []}
+    rows = paper_values()
+    rows = rows[rows["paper"] == paper]
+    hit = rows["method"].isin(labels)
+    return int(hit.sum()), len(rows), sorted(set(rows.loc[~hit, "method"]))
+
+
+def variants(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Cells of a method run with a variant's config (``tables.yaml`` ``variants``, e.g. ``qwha_dct``:
+    qwha with ``method.transform=dct``) are that variant's, not the method's, in tables that list it."""
+    spec_ = registry().get("variants", {})
+    df = df.copy()
+    for v in names:
+        if v not in spec_:
+            continue
+        hit = df["method"] == spec_[v]["method"]
+        for key, val in spec_[v].get("config", {}).items():
+            hit &= df[key].astype(str) == str(val) if key in df else False
+        df.loc[hit, "method"] = v
+    return df
 
 
 def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
@@ -226,6 +260,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     own = [n for n in sp.get("sweeps", []) if n in set(df["sweep"])]
     if own:  # the table's own experiments only: other sweeps (lr studies, ...) never mix into its means
         df = df[df["sweep"].isin(own)]
+    df = variants(df, sp["methods"])
     where, keys = sp.get("where", {}), list(sp["rows"])
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
@@ -275,6 +310,9 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     notes = _notes(sp, values, keys, used, group_swaps, stage, ours)
     if own:
         notes.insert(1, f"Records of the sweep(s) {', '.join(own)} only.")
+    if sp.get("paper_bits"):
+        notes.insert(1, f"The paper gives this table at {sp['paper_bits']} bits only: its values stand beside ours at "
+                        "every bit width.")
     return Table(name, sp, values.drop(columns=["sign", "sign_ours"]), order,
                  notes[:1] + sorted(fallbacks) + notes[1:])
 

@@ -259,7 +259,7 @@ def _uncalibrated(holder: LayerHolder, method: Method, cfg: DictConfig, linear: 
 
     qw = base_quantizer(cfg.quant, method.spec, holder, {"layer": linear}, lambda: None)("layer", linear)
     if method.name == "qwha":
-        method.cfg.init = "zero"  # random locations, c = 0: the same p coefficients train
+        method.cfg.select, method.cfg.init = "random", "zero"  # random locations, c = 0: the same p train
         method.prepare(holder, {"layer": linear}, None)
         holder.layer = method.layer("layer", linear, qw)
     elif method.name == "cloq":

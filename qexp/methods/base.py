@@ -76,6 +76,10 @@ class Method:
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
         """Optional: collect what layer init needs (e.g. activation statistics) before swapping."""
 
+    def report(self) -> dict:
+        """Optional: what the method measured while building its layers, for the record (``init``)."""
+        return {}
+
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         """Build the training layer for ``linear`` (``qw``: its quantized base, if NEEDS_BASE)."""
         raise NotImplementedError

@@ -1,20 +1,26 @@
 """QWHA (Jeon et al., ICLR 2026): quantization-aware Walsh–Hadamard adaptation.
 
 Per target linear, a sparse coefficient matrix ``F`` (``p`` trainable values ``c`` at fixed
-locations ``E``) is mapped to a dense update by one inverse WHT along the input dim:
-``ΔW = scale · iWHT(F)`` and ``y = x (W_Q + ΔW)ᵀ`` with ``W_Q`` the dequantized frozen base.
-The budget is LoRA's parameter count, ``p = r (d_in + d_out)``.
+locations ``E``) is mapped to a dense update by one inverse transform along the input dim:
+``ΔW = scale · T⁻¹(F)`` and ``y = x (W_Q + ΔW)ᵀ`` with ``W_Q`` the dequantized frozen base.
+``T`` is the WHT (QWHA) or, for the paper's Table 4 ablations, the DCT, the DHT or none
+(``transform``; :mod:`qexp.quant.transforms`, all with ``T Tᵀ = n I``). The budget is LoRA's
+parameter count, ``p = r (d_in + d_out)``.
 
 Initialization (AdaAlloc + value refinement) minimizes ``‖(ΔW_Q − ΔW) X‖`` with
 ``ΔW_Q = W0 − W_Q`` on calibration activations:
-  1. ``Hs = XᵀX + λI`` (fp64, ``λ = damp·mean diag``); ``B = R Hᵀ/d_in`` with ``RᵀR = Hs``.
-  2. ``x0_j = fwht(δ_j)``: the dense WHT coefficients of channel j's error.
+  1. ``Hs = XᵀX + λI`` (fp64, ``λ = damp·mean diag``); ``B = R Tᵀ/d_in`` with ``RᵀR = Hs``.
+  2. ``x0_j = T(δ_j)``: the dense coefficients of channel j's error.
   3. AdaAlloc: channel budgets ``p_j ∝ w_j^t`` (capped at d_in, overflow and leftover
      redistributed so ``Σ p_j = p``); ``w_j = ‖x0_j‖`` (code) or ``‖(ΔW_Q X)_j‖`` (paper).
-  4. Inside a channel, top-p_j by ``‖B_k‖² x0_jk²`` (code) or ``|x0_jk|`` (paper).
-  5. Refinement: ``c_j = (B'ᵀB')⁻¹ B'ᵀ v_j``, ``v_j = R δ_j``.
-Everything needs only ``Hs``, never ``R`` itself: ``BᵀB = H Hs Hᵀ/d²`` and ``Bᵀv_j = H Hs δ_j/d``
+  4. Inside a channel, top-p_j by ``‖B_k‖² x0_jk²`` (code) or ``|x0_jk|`` (paper) (``score``).
+     Table 2/4's other selections (``select``): random, magnitude, ssh, loca (see :func:`qwha_init`).
+  5. Refinement: ``c_j = (B'ᵀB')⁻¹ B'ᵀ v_j``, ``v_j = R δ_j`` (``init=zero``: c = 0 instead).
+Everything needs only ``Hs``, never ``R`` itself: ``BᵀB = T Hs Tᵀ/d²`` and ``Bᵀv_j = T Hs δ_j/d``
 (the normal equations of the spec's least squares, evaluated without the eigendecomposition).
+
+The zero-initialized sparse baselines (SSH, LoCA, SHiRA) reuse this file's layer
+(:class:`SparseSpectralLinear`), selections and budget rule.
 
 Not on the integer grid: the deployed model is the integer base plus the fp sparse adapter.
 """
@@ -30,13 +36,14 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import QuantLinear, QuantWeight, act_linear
-from ..quant.hadamard import factor, fwht, ifwht
+from ..quant import transforms as T
 from . import register
 from .base import Method, MethodConfig, MethodLayer
 
 log = logging.getLogger(__name__)
 
-INITS = ("adaalloc", "magnitude", "random", "zero")
+SELECTS = ("adaalloc", "random", "magnitude", "loca", "ssh")
+INITS = ("qa", "zero")
 SEMANTICS = ("code", "paper")
 
 
@@ -45,53 +52,75 @@ class QWHAConfig(MethodConfig):
     rank: int = 8  # budget p = rank·(d_in + d_out) per layer (LoRA-rank parameter count)
     alpha: float = 4000.0  # the paper's explicit scaling α
     alpha_semantics: str = "code"  # code: ΔW = α/√d_out·iWHT(F); paper: α/√d_in·iWHT(F) (= α/d_in · F Ĥ)
-    init: str = "adaalloc"  # adaalloc | magnitude (global top-p) | random (random E) | zero (random E, c=0)
-    refine: bool = True  # least-squares value refinement (False: the dense WHT coefficients x0)
+    transform: str = "wht"  # wht (QWHA) | dct (Table 4 "DCA") | dht ("DHA") | none (plain sparse adapter)
+    select: str = "adaalloc"  # locations: adaalloc | random | magnitude (global top-p) | loca | ssh (Table 2/4)
+    init: str = "qa"  # qa: values fit to the quantization error | zero: c = 0 (Table 4 "no QA init")
+    refine: bool = True  # least-squares value refinement (False: the dense coefficients x0)
     temperature: float = 1.0  # AdaAlloc t: p_j ∝ w_j^t
     alloc_weight: str = "code"  # code: w_j = ‖x0_j‖; paper: w_j = ‖(ΔW_Q X)_j‖
-    select: str = "code"  # code: score ‖B_k‖²·x0_jk²; paper: |x0_jk|
+    score: str = "code"  # selection score. code: ‖B_k‖²·x0_jk²; paper: |x0_jk|
     damp: float = 1e-4  # λ = damp · mean(diag XᵀX)
     calib_samples: int = 32  # calibration sequences used for XᵀX (≤ 0: all that are passed)
     calib_batch: int = 4  # sequences per calibration forward
 
+    def __post_init__(self) -> None:  # refused when the config is built (qexp.config.validate), before any work
+        for key, choices in [("transform", T.TRANSFORMS), ("select", SELECTS), ("init", INITS),
+                             ("alpha_semantics", SEMANTICS), ("alloc_weight", SEMANTICS), ("score", SEMANTICS)]:
+            if (value := getattr(self, key)) not in choices:
+                raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be positive")
 
-def sparse_delta(idx: Tensor, c: Tensor, shape: tuple[int, int], scale: float) -> Tensor:
-    """``scale · iWHT(F)`` with ``F`` the ``[d_out, d_in]`` scatter of ``c`` at flat indices ``idx``."""
+
+def sparse_delta(idx: Tensor, c: Tensor, shape: tuple[int, int], scale: float, transform: str = "wht",
+                 two_d: bool = False) -> Tensor:
+    """``scale · T⁻¹(F)`` with ``F`` the ``[d_out, d_in]`` scatter of ``c`` at flat indices ``idx``; the
+    inverse transform runs along d_in (QWHA's single transform) or along both dims (``two_d``: SSH, LoCA)."""
     dense = c.new_zeros(shape[0] * shape[1]).scatter_(0, idx, c * scale)  # scale p values, not d_out·d_in
-    return ifwht(dense.view(shape))
+    return spectral_delta(dense.view(shape), transform, two_d)
 
 
-def adapter_forward(base: QuantLinear, idx: Tensor, c: Tensor, scale: float, x: Tensor) -> Tensor:
+def spectral_delta(f: Tensor, transform: str, two_d: bool) -> Tensor:
+    """``T⁻¹(F)`` of a dense coefficient matrix (see :mod:`qexp.quant.transforms` for the scaling)."""
+    return T.inverse2d(f, transform) if two_d else T.inverse(f, transform)
+
+
+def adapter_forward(base: QuantLinear, delta: Tensor, x: Tensor) -> Tensor:
     """``x (W_Q + ΔW)ᵀ + b``: the one forward shared by training and the deployed module."""
-    w_q, delta = base.weight_fp(), sparse_delta(idx, c, (base.out_features, base.in_features), scale)
+    w_q = base.weight_fp()
     w = w_q.add_(delta) if torch.result_type(w_q, delta) == w_q.dtype else w_q + delta  # W_Q + ΔW, in place
     return act_linear(x, w, base.bias)
 
 
 class QWHADeployed(nn.Module):
-    """Integer base (a :class:`QuantLinear`) + frozen fp sparse WHT adapter; not on the grid."""
+    """Integer base (a :class:`QuantLinear`) + frozen fp sparse spectral adapter; not on the grid."""
 
-    def __init__(self, base: QuantLinear, idx: Tensor, c: Tensor, scale: float) -> None:
+    def __init__(self, base: QuantLinear, idx: Tensor, c: Tensor, scale: float, transform: str = "wht",
+                 two_d: bool = False) -> None:
         super().__init__()
-        self.base, self.scale = base, scale
+        self.base, self.scale, self.transform, self.two_d = base, scale, transform, two_d
         self.in_features, self.out_features = base.in_features, base.out_features
         self.register_buffer("idx", idx)
         self.register_buffer("c", c.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return adapter_forward(self.base, self.idx, self.c, self.scale, x)
+        shape = (self.out_features, self.in_features)
+        return adapter_forward(self.base, sparse_delta(self.idx, self.c, shape, self.scale, self.transform,
+                                                       self.two_d), x)
 
 
-class QWHALinear(MethodLayer):
-    """Frozen quantized base + trainable sparse WHT coefficients ``c`` (the only parameter)."""
+class SparseSpectralLinear(MethodLayer):
+    """Frozen quantized base + trainable sparse coefficients ``c`` (the only parameter) at fixed
+    locations, ``ΔW = scale · T⁻¹(F)``: QWHA and its ablations, SSH, SHiRA (``transform="none"``)."""
 
     ON_GRID = False
     DEPLOYED = "integer base + fp adapter"
 
-    def __init__(self, qw: QuantWeight, bias: Tensor | None, idx: Tensor, c: Tensor, scale: float) -> None:
+    def __init__(self, qw: QuantWeight, bias: Tensor | None, idx: Tensor, c: Tensor, scale: float,
+                 transform: str = "wht", two_d: bool = False) -> None:
         super().__init__()
         self.base = QuantLinear(qw, bias)
-        self.scale = scale
+        self.scale, self.transform, self.two_d = scale, transform, two_d
         order = torch.argsort(idx)
         self.register_buffer("idx", idx[order].contiguous())
         self.c = nn.Parameter(c[order].detach().clone())
@@ -103,13 +132,19 @@ class QWHALinear(MethodLayer):
         return torch.stack((self.idx // d_in, self.idx % d_in), dim=1)
 
     def delta(self) -> Tensor:
-        return sparse_delta(self.idx, self.c, (self.base.out_features, self.base.in_features), self.scale)
+        return sparse_delta(self.idx, self.c, (self.base.out_features, self.base.in_features), self.scale,
+                            self.transform, self.two_d)
 
     def forward(self, x: Tensor) -> Tensor:
-        return adapter_forward(self.base, self.idx, self.c, self.scale, x)
+        return adapter_forward(self.base, self.delta(), x)
 
     def merge(self) -> nn.Module:
-        return QWHADeployed(self.base, self.idx, self.c, self.scale)
+        return QWHADeployed(self.base, self.idx, self.c, self.scale, self.transform, self.two_d)
+
+
+class QWHALinear(SparseSpectralLinear):
+    """QWHA's layer: sparse coefficients in the WHT (or, for the Table 4 ablations, DCT / DHT / no
+    transform) domain along d_in."""
 
 
 # ---------------------------------------------------------------- initialization (fp64, no grad)
@@ -178,48 +213,74 @@ def refine_values(gram: Tensor, rhs: Tensor, mask: Tensor, budget: int = 1 << 24
 
 
 @torch.no_grad()
-def hessian_terms(hess: Tensor, damp: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(XᵀX, Hs = XᵀX + λI, G = BᵀB = H Hs Hᵀ/d²)`` in fp64; shared by layers with one input."""
+def hessian_terms(hess: Tensor, damp: float, transform: str = "wht") -> tuple[Tensor, Tensor, Tensor]:
+    """``(XᵀX, Hs = XᵀX + λI, G = BᵀB = T Hs Tᵀ/d²)`` in fp64; shared by layers with one input."""
     h = hess.double()
     d_in = h.shape[0]
     hs = h + damp * h.diagonal().mean() * torch.eye(d_in, dtype=torch.float64, device=h.device)
-    return h, hs, fwht(fwht(hs).T) / d_in**2  # fwht(hs) = Hs Hᵀ; Hs symmetric
+    return h, hs, T.forward(T.forward(hs, transform).T, transform) / d_in**2  # forward(hs) = Hs Tᵀ; Hs symmetric
+
+
+def needs_hessian(cfg: QWHAConfig) -> bool:
+    """Every selection but ``random`` and every QA init reads ``XᵀX``; random locations with c = 0 do not."""
+    return not (cfg.select == "random" and cfg.init == "zero")
+
+
+def _top_mask(score: Tensor, p: int, mask: Tensor | None = None) -> Tensor:
+    """``mask`` (or an empty one) plus the ``p`` largest entries of ``score`` outside it."""
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device) if mask is None else mask.clone()
+    flat = score.flatten().masked_fill(mask.flatten(), -torch.inf)
+    return mask.view(-1).index_fill_(0, torch.topk(flat, p).indices, True).view(score.shape)
+
+
+def _random_mask(shape: tuple[int, int], p: int, generator: torch.Generator | None, device: torch.device,
+                 mask: Tensor | None = None) -> Tensor:
+    """``mask`` (or an empty one) plus ``p`` locations drawn uniformly from those outside it."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device) if mask is None else mask.clone()
+    free = (~mask).flatten().nonzero().squeeze(1)
+    pick = free[torch.randperm(free.numel(), generator=generator)[:p].to(device)]
+    return mask.view(-1).index_fill_(0, pick, True).view(shape)
 
 
 @torch.no_grad()
 def qwha_init(delta_q: Tensor, hess: Tensor | tuple[Tensor, Tensor, Tensor] | None, p: int, cfg: QWHAConfig,
               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Locations (flat indices, ``[p]``) and true coefficients ``c`` (``ΔW = iWHT(F)``, no α scale).
+    """Locations (flat indices, ``[p]``) and true coefficients ``c`` (``ΔW = T⁻¹(F)``, no α scale).
 
     ``delta_q = W0 − W_Q`` (``[d_out, d_in]``); ``hess``: ``XᵀX`` (``[d_in, d_in]``, undamped) or
-    its :func:`hessian_terms`.
+    its :func:`hessian_terms`. Selections (``cfg.select``): adaalloc (per-channel budgets, top-p_j of
+    the score), magnitude (one global top-p of the score), ssh (SSH's rule: half the budget by the
+    score, half at random among the rest), loca (the largest ``|∂L/∂F|`` at ``F = 0`` of the
+    layer-output loss ``L = ‖(ΔW_Q − ΔW)X‖²``: LoCA's gradient criterion for locations, taken on
+    QWHA's objective), random.
     """
     d_out, d_in = delta_q.shape
-    if cfg.init in ("random", "zero"):
-        perm = torch.randperm(d_out * d_in, generator=generator)[:p].to(delta_q.device)
-        mask = torch.zeros(d_out * d_in, dtype=torch.bool, device=delta_q.device)
-        mask[perm] = True
-        mask = mask.view(d_out, d_in)
-    if cfg.init == "zero":
+    t = cfg.transform
+    if cfg.select == "random":
+        mask = _random_mask((d_out, d_in), p, generator, delta_q.device)
+    if not needs_hessian(cfg):
         return mask.flatten().nonzero().squeeze(1), delta_q.new_zeros(p, dtype=torch.float64)
     if hess is None:
-        raise ValueError(f"method.init={cfg.init!r} needs calibration Hessians")
+        raise ValueError(f"method.select={cfg.select!r} with method.init={cfg.init!r} needs calibration Hessians")
     delta = delta_q.double()
-    h, hs, gram = hessian_terms(hess, cfg.damp) if isinstance(hess, Tensor) else hess
-    x0 = fwht(delta)  # dense WHT coefficients: B x0_j = v_j
-    if cfg.init in ("adaalloc", "magnitude"):
-        score = gram.diagonal() * x0.square() if cfg.select == "code" else x0.abs()
-        if cfg.init == "magnitude":  # one global top-p of the score (the paper's "Magnitude")
-            mask = torch.zeros(d_out * d_in, dtype=torch.bool, device=delta.device)
-            mask[torch.topk(score.flatten(), p).indices] = True
-            mask = mask.view(d_out, d_in)
-        else:
-            # code: ‖x0_j‖ (∝ ‖δ_j‖); paper: ‖(ΔW_Q X)_j‖ = sqrt(δ_jᵀ XᵀX δ_j)
-            w = x0.norm(dim=1) if cfg.alloc_weight == "code" else ((delta @ h) * delta).sum(1).clamp(min=0).sqrt()
-            counts = adaalloc(w.pow(cfg.temperature), p, d_in)
-            mask = _topk_mask(score, counts)
-    if cfg.refine:
-        rhs = fwht(delta @ hs) / d_in  # Bᵀ v_j = H Hs δ_j / d
+    h, hs, gram = hessian_terms(hess, cfg.damp, t) if isinstance(hess, Tensor) else hess
+    x0 = T.forward(delta, t)  # dense coefficients: T⁻¹(x0) = δ
+    rhs = T.forward(delta @ hs, t) / d_in  # Bᵀ v_j = M Hs δ_j (M = T/d); −½ ∂L/∂F at F = 0
+    score = gram.diagonal() * x0.square() if cfg.score == "code" else x0.abs()
+    if cfg.select == "magnitude":  # one global top-p of the score (the paper's "Magnitude")
+        mask = _top_mask(score, p)
+    elif cfg.select == "ssh":
+        mask = _random_mask((d_out, d_in), p - p // 2, generator, delta.device, _top_mask(score, p // 2))
+    elif cfg.select == "loca":
+        mask = _top_mask(rhs.abs(), p)
+    elif cfg.select == "adaalloc":
+        # code: ‖x0_j‖ (∝ ‖δ_j‖); paper: ‖(ΔW_Q X)_j‖ = sqrt(δ_jᵀ XᵀX δ_j)
+        w = x0.norm(dim=1) if cfg.alloc_weight == "code" else ((delta @ h) * delta).sum(1).clamp(min=0).sqrt()
+        counts = adaalloc(w.pow(cfg.temperature), p, d_in)
+        mask = _topk_mask(score, counts)
+    if cfg.init == "zero":
+        coef = torch.zeros_like(x0)
+    elif cfg.refine:
         coef = refine_values(gram, rhs, mask)
     else:
         coef = x0 * mask
@@ -243,26 +304,22 @@ class QWHA(Method):
 
     def __init__(self, cfg: QWHAConfig, spec) -> None:
         super().__init__(cfg, spec)
-        for key, value, choices in [("init", cfg.init, INITS), ("alpha_semantics", cfg.alpha_semantics, SEMANTICS),
-                                    ("alloc_weight", cfg.alloc_weight, SEMANTICS), ("select", cfg.select, SEMANTICS)]:
-            if value not in choices:
-                raise ValueError(f"method.{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-        if cfg.rank <= 0:
-            raise ValueError(f"method.rank={cfg.rank} must be positive")
+        cfg.__post_init__()  # a config edited after construction (bench) is checked again
         self.hessians: dict[str, Tensor] = {}
         self._terms: dict[int, tuple[tuple[Tensor, Tensor, Tensor], int]] = {}  # id(XᵀX) -> (terms, users left)
         self.stats: dict[str, float] = {"calib_s": 0.0, "init_s": 0.0, "layers": 0}
+        self.errors: dict[str, tuple[float, float]] = {}  # layer -> (‖ΔW_Q X‖², ‖(ΔW_Q − ΔW)X‖²) per token
 
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
         """Check every size, then accumulate ``XᵀX`` per target input (fp64) on the fp model."""
         self.stats["targets"] = len(targets)
         for name, lin in targets.items():
             try:
-                factor(lin.in_features)
+                T.check(self.cfg.transform, lin.in_features)
             except ValueError as e:
                 raise ValueError(f"{name}.in_features={lin.in_features}: {e}") from None
             self.budget(name, lin)
-        if self.cfg.init == "zero" or calib is None:
+        if not needs_hessian(self.cfg) or calib is None:
             return
         t0 = time.perf_counter()
         if self.cfg.calib_samples > 0:
@@ -275,12 +332,7 @@ class QWHA(Method):
         log.info("qwha: XᵀX over %d×%d tokens in %.1fs", *calib.shape, self.stats["calib_s"])
 
     def budget(self, name: str, lin: nn.Linear) -> int:
-        d_out, d_in = lin.out_features, lin.in_features
-        p = self.cfg.rank * (d_in + d_out)
-        if p > d_in * d_out:
-            raise ValueError(f"method.rank={self.cfg.rank}: budget p={p} exceeds d_in·d_out={d_in * d_out} of "
-                             f"{name}; use method.rank ≤ {d_in * d_out // (d_in + d_out)}")
-        return p
+        return budget(self.cfg.rank, name, lin)
 
     def scale(self, d_in: int, d_out: int) -> float:
         return self.cfg.alpha / math.sqrt(d_out if self.cfg.alpha_semantics == "code" else d_in)
@@ -293,7 +345,7 @@ class QWHA(Method):
             return None
         terms, users = self._terms.get(id(hess), (None, 1))
         if terms is None:
-            terms = hessian_terms(hess.to(device), self.cfg.damp)
+            terms = hessian_terms(hess.to(device), self.cfg.damp, self.cfg.transform)
         if users > 1:
             self._terms[id(hess)] = (terms, users - 1)
         else:
@@ -304,15 +356,62 @@ class QWHA(Method):
         t0 = time.perf_counter()
         d_out, d_in = linear.weight.shape
         delta_q = linear.weight.detach().double() - qw.dequantize().double()
-        idx, coef = qwha_init(delta_q, self._hessian_terms(name, delta_q.device), self.budget(name, linear), self.cfg)
+        terms = self._hessian_terms(name, delta_q.device)
+        idx, coef = qwha_init(delta_q, terms, self.budget(name, linear), self.cfg)
+        if terms is not None:  # Table 2: the layer-output error before (zero adapter) and after init
+            delta = sparse_delta(idx, coef, (d_out, d_in), 1.0, self.cfg.transform)
+            self.errors[name] = (layer_output_error(delta_q, torch.zeros_like(delta_q), terms[0]),
+                                 layer_output_error(delta_q, delta, terms[0]))
         s = self.scale(d_in, d_out)
         c = (coef / s).float()  # fp32 values, stored so that the first forward is the refined ΔW
         self.stats["init_s"] += time.perf_counter() - t0
         self.stats["layers"] += 1
         if self.stats["layers"] == self.stats.get("targets"):
-            log.info("qwha: init (%s, refine=%s) of %d layers in %.1fs", self.cfg.init, self.cfg.refine,
-                     self.stats["layers"], self.stats["init_s"])
-        return QWHALinear(qw, linear.bias, idx.to(linear.weight.device), c.to(linear.weight.device), s)
+            log.info("qwha: init (select=%s, init=%s, refine=%s, transform=%s) of %d layers in %.1fs",
+                     self.cfg.select, self.cfg.init, self.cfg.refine, self.cfg.transform, self.stats["layers"],
+                     self.stats["init_s"])
+        return QWHALinear(qw, linear.bias, idx.to(linear.weight.device), c.to(linear.weight.device), s,
+                          self.cfg.transform)
+
+    def report(self) -> dict:
+        """Table 2's quantity: mean layer-output error per token after init, per projection type
+        (``q_proj``, ...) and averaged (``avg``), with the zero adapter's (``none``) beside it."""
+        return init_error_report(self.errors)
+
+
+def init_error_report(errors: dict[str, tuple[float, float]]) -> dict:
+    """``{"layer_error": {kind: mean, avg: mean}, "layer_error_none": {...}}`` over layers by name suffix."""
+    if not errors:
+        return {}
+    out: dict[str, dict[str, float]] = {"layer_error": {}, "layer_error_none": {}}
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for name, e in errors.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(e)
+    for kind, es in [*kinds.items(), ("avg", list(errors.values()))]:
+        out["layer_error_none"][kind] = sum(e[0] for e in es) / len(es)
+        out["layer_error"][kind] = sum(e[1] for e in es) / len(es)
+    return out
+
+
+class SparseBaseline(Method):
+    """QWHA's zero-initialized sparse baselines (SSH, LoCA, SHiRA): ``cfg.rank`` sets QWHA's budget,
+    checked for every target before any work (their FFT transforms take any width). Their configs
+    check their own values when built (``__post_init__``), so bad values fail in ``validate``."""
+
+    def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
+        for name, lin in targets.items():
+            budget(self.cfg.rank, name, lin)
+
+
+def budget(rank: int, name: str, lin: nn.Linear) -> int:
+    """QWHA's budget rule, shared by its sparse baselines: ``p = r·(d_in + d_out)`` (LoRA's count);
+    refused when it exceeds the layer, naming the largest rank that fits."""
+    d_out, d_in = lin.out_features, lin.in_features
+    p = rank * (d_in + d_out)
+    if p > d_in * d_out:
+        raise ValueError(f"method.rank={rank}: budget p={p} exceeds d_in·d_out={d_in * d_out} of "
+                         f"{name}; use method.rank ≤ {d_in * d_out // (d_in + d_out)}")
+    return p
 
 
 @torch.no_grad()

@@ -16,14 +16,32 @@ BaseQuantizer = Callable[[str, nn.Linear], QuantWeight]
 
 def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
                    calib: Callable[[], Tensor], cache_dir: Path | None = None) -> BaseQuantizer:
-    """RTN (optionally with a range search) or GPTQ; ``calib()`` gives calibration token ids.
+    """The base's stages: preprocess (none | MagR, ``quant.magr``), then round (RTN, optionally with a
+    range search, or GPTQ; ``quant.init``); ``calib()`` gives calibration token ids.
 
     GPTQ results are kept in ``cache_dir`` (when given) and reused by any later cell with the
-    same weights, calibration ids, settings and GPTQ code (see :func:`.gptq.gptq_quantizer`)."""
-    if cfg.init == "rtn":
-        return lambda name, lin: rtn(lin.weight.detach(), spec, cfg.range, cfg.p, cfg.grid)
-    if cfg.init == "gptq":
-        from .gptq import gptq_quantizer
+    same weights, calibration ids, settings and GPTQ code (see :func:`.gptq.gptq_quantizer`).
+    MagR changes only what the rounding sees: the method still gets the original fp ``linear``."""
+    if cfg.init not in ("rtn", "gptq"):
+        raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn' or 'gptq'")
+    pre: dict[str, Tensor] = {}
+    if getattr(cfg, "magr", False):  # configs built by hand (tests, bench) may not name it
+        if not cfg.magr_alpha > 0 or cfg.magr_iters < 1:
+            raise ValueError(f"quant.magr_alpha={cfg.magr_alpha}, quant.magr_iters={cfg.magr_iters}: "
+                             "need magr_alpha > 0 and magr_iters >= 1")
+        from .magr import magr_weights
 
+        pre = magr_weights(spec, model, targets, calib(), cfg.magr_alpha, cfg.magr_iters)
+    if cfg.init == "rtn":
+        return lambda name, lin: rtn(pre.pop(name) if name in pre else lin.weight.detach(), spec, cfg.range,
+                                     cfg.p, cfg.grid)
+    from .gptq import gptq_quantizer
+
+    saved = {n: targets[n].weight.data for n in pre}
+    try:  # GPTQ rounds the MagR weights (its cache key hashes them), the model keeps its own
+        for n, w in pre.items():
+            targets[n].weight.data = w
         return gptq_quantizer(cfg, spec, model, targets, calib(), cache_dir)
-    raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn' or 'gptq'")
+    finally:
+        for n, w in saved.items():
+            targets[n].weight.data = w

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--validate", default=None, metavar="K1,K2",
                    help="instead of planning: measure K1 and K2 layers and compare with the prediction")
     p.add_argument("--validate-tokens", type=int, default=256, help="tokens per stage in --validate")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after the flags, as qexp.run takes them
     logging.basicConfig(level=logging.WARNING)
     cells = compose_cells(args.overrides, args.multirun)
     planner = Planner(_pair(p, "--layers", args.layers), _pair(p, "--tokens", args.tokens))

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 BITS = (2, 3, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+STAGES = ("fp", "base", "unmerged", "final")  # evaluation stages, in pipeline order
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -207,7 +208,7 @@ def validate(cfg: DictConfig) -> None:
         _choice(f"{key}.format", src.format, ("text", *FORMATS))
         _choice(f"{key}.ppl_protocol", src.ppl_protocol, ("concat", "random_windows"))
     for stage in cfg.eval.accuracy_stages:
-        _choice("eval.accuracy_stages", stage, ("fp", "base", "unmerged", "final"))
+        _choice("eval.accuracy_stages", stage, STAGES)
     if cfg.eval.get("max_new_tokens") is not None and cfg.eval.max_new_tokens <= 0:
         raise ConfigError(f"eval.max_new_tokens={cfg.eval.max_new_tokens} is not valid; use a positive token "
                           "count, or null for each task's own max_gen_toks")

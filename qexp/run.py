@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from . import adapt, data, dist, export, models
-from .config import check_group_size, method_config, register
+from .config import STAGES, check_group_size, method_config, register
 from .eval import accuracy, check_generation, perplexity
 from .eval.lmeval import suite_note
 from .methods import get as get_method
@@ -126,16 +126,16 @@ def summary(rec: dict) -> str:
         return lines[0] + f" (running in another launch: {rec['lock']})"
     lines += [f"  WARNING {w}" for w in rec.get("warnings", [])]
     for name in c["data"]["eval"]:
-        stages = [s for s in ("fp", "base", "unmerged", "final") if f"ppl/{name}/{s}" in rec["metrics"]]
+        stages = [s for s in STAGES if f"ppl/{name}/{s}" in rec["metrics"]]
         lines.append(f"  ppl {name}: " + "  ".join(f"{s} {rec['metrics'][f'ppl/{name}/{s}']:.3f}" for s in stages))
     for task in c["eval"].get("tasks", []):
-        stages = [s for s in ("fp", "base", "unmerged", "final") if f"exact_match/{task}/{s}" in rec["metrics"]]
+        stages = [s for s in STAGES if f"exact_match/{task}/{s}" in rec["metrics"]]
         if stages:
             lines.append(f"  exact_match {task}: " + "  ".join(f"{s} {rec['metrics'][f'exact_match/{task}/{s}']:.4f}"
                                                               for s in stages))
     for suite in c["eval"].get("suites", {}):
         for metric in ("acc", "acc_norm"):
-            stages = [s for s in ("fp", "base", "unmerged", "final") if f"{metric}/{suite}/{s}" in rec["metrics"]]
+            stages = [s for s in STAGES if f"{metric}/{suite}/{s}" in rec["metrics"]]
             notes = {s: suite_note(rec["eval"].get("lm_eval", {}).get(s, {}), suite, metric) for s in stages}
             values = [f"{s} {rec['metrics'][f'{metric}/{suite}/{s}']:.4f}" + (f"±{se:.4f}" if se else "")
                       for s, (se, _) in notes.items()]  # value ± standard error

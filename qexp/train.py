@@ -83,15 +83,16 @@ def train(model: nn.Module, method: Method, chunks: Tensor, cfg: TrainConfig, se
                 rows = len(batch["input_ids"])  # this rank's share of the micro-batch
                 with acc.accumulate(model):
                     loss = model(**batch, use_cache=False).loss  # no KV cache: it would hold every layer's K/V
-                    if not math.isfinite(dist.mean(loss.item())):  # on every rank, if on one
-                        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+                    value = loss.item()  # one device sync per micro-batch
+                    if not math.isfinite(dist.mean(value)):  # on every rank, if on one
+                        raise NonFiniteLoss(f"loss is {value} at step {step}")
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
                     sched.step()
                     opt.zero_grad()
-                total += loss.item() / cfg.grad_accum
+                total += value / cfg.grad_accum
             total = dist.mean(total)  # the global batch's loss
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}")

@@ -75,7 +75,9 @@ def run_cell(cfg: DictConfig) -> dict:
                     for name, ids in evalsets.items():
                         r = perplexity(model, ids, cfg.eval.seqlen, cfg.eval.max_windows, cfg.eval.batch_size)
                         rec.metrics[f"ppl/{name}/{stage}"] = r.pop("ppl")
-                        rec.data["eval"][name] = {k: r[k] for k in ("seqlen", "windows", "tokens")}
+                        e = rec.data["eval"].setdefault(name, {}) | {k: r[k] for k in ("seqlen", "windows", "tokens")}
+                        e.setdefault("window_nll", {})[stage] = r["window_nll"]  # for the analysis' bootstrap
+                        rec.data["eval"][name] = e
                     if cfg.eval.tasks and stage in cfg.eval.accuracy_stages:
                         metrics, details = accuracy(model, tok, cfg.eval, cfg.cache_dir, rec.dir / f"samples_{stage}")
                         rec.metrics.update({f"{k}/{stage}": v for k, v in metrics.items()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from qexp import models
 from qexp.config import ConfigError, validate
+from qexp.eval import lmeval
 from qexp.eval.lmeval import MMLU_CATEGORIES, PAPER_TASKS, accuracy, check_tasks, suite_scores, task_manager
 from qexp.run import run_cell, summary
 from qexp.tasks.build import build
@@ -54,12 +56,31 @@ def test_run_cell_records_accuracy_at_base_and_final(cfg_factory):
         assert details["tasks"]["qexp_piqa"]["items"] == 4 and details["tasks"]["qexp_piqa"]["seconds"] > 0
         assert "skipped" in details["suites"]["csqa7_offline"]  # its other members were not run
         assert details["suites"]["pair"]["acc_norm"] == ["acc_norm", "acc_norm"]
+        # per-item scores, one character per item, whose mean is the recorded accuracy (the bootstrap's input)
+        for task in ("qexp_piqa", "qexp_arc_standin"):
+            items = details["items"][task]
+            for metric in ("acc", "acc_norm"):
+                assert len(items[metric]) == 4 and set(items[metric]) <= {"0", "1"}
+                assert items[metric].count("1") / 4 == pytest.approx(m[f"{metric}/{task}/{stage}"])
+        windows = rec["eval"]["wikitext_sample"]["window_nll"][stage]
+        assert len(windows) == rec["eval"]["wikitext_sample"]["windows"]
+        assert math.exp(sum(windows) / len(windows)) == pytest.approx(m[f"ppl/wikitext_sample/{stage}"], rel=1e-3)
+    assert len(json.dumps(rec["eval"])) < 20_000  # compact: a few KB here, a few hundred KB at most at full size
     # RTN's merge changes nothing, so the quantized base and the merged model score the same
     assert m["acc/pair/base"] == m["acc/pair/final"]
     assert "acc pair: base" in summary(rec)
     se = math.sqrt(sum(rec["eval"]["lm_eval"]["final"]["results"][t]["acc_stderr"] ** 2
                        for t in ("qexp_piqa", "qexp_arc_standin"))) / 2  # the standard error of a 2-task mean
     assert f"final {m['acc/pair/final']:.4f}±{se:.4f}  (4 items per task (eval.limit=4))" in summary(rec)
+
+
+def test_item_scores_are_compact_and_in_doc_order():
+    rows = [{"doc_id": 2, "filter": "none", "acc": 1.0, "acc_norm": 0.0, "exact_match": 0.5},
+            {"doc_id": 0, "filter": "none", "acc": 0.0, "acc_norm": 1.0, "exact_match": 0.25},
+            {"doc_id": 0, "filter": "strict", "acc": 1.0, "acc_norm": 1.0}]  # another filter: not recorded
+    out = lmeval.item_scores({"t": rows, "u": [{"doc_id": i, "acc": i % 2} for i in range(5)]})
+    assert out["t"] == {"doc_ids": [0, 2], "acc": "01", "acc_norm": "10", "exact_match": [0.25, 0.5]}
+    assert out["u"] == {"acc": "01010"}  # doc ids 0..n-1 are implied
 
 
 def test_accuracy_leaves_global_rngs_alone():

@@ -85,6 +85,22 @@ def test_exact_mean_nll_over_predicted_tokens_only():
     assert abs(across - expected) > 1e-4
 
 
+def test_per_window_nll_is_each_windows_own_mean():
+    """window_nll[i] is window i's mean NLL (brute force), rounded to 4 decimals; their mean is nll."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, V, (6 * 40,))
+    model = Bigram()
+    logp = F.log_softmax(model.table.detach().double(), dim=-1)
+    r = perplexity(model, ids, seqlen=40, batch_size=4)  # 4 + 2: a ragged last batch
+    w = ids.view(6, 40)
+    expected = [-sum(logp[w[k, i], w[k, i + 1]].item() for i in range(39)) / 39 for k in range(6)]
+    assert len(r["window_nll"]) == r["windows"] == 6
+    assert r["window_nll"] == [round(x, 4) for x in r["window_nll"]]
+    assert r["window_nll"] == pytest.approx(expected, abs=6e-5)
+    assert len(set(r["window_nll"])) == 6  # not one number repeated
+    assert sum(r["window_nll"]) / 6 == pytest.approx(r["nll"], abs=1e-4)
+
+
 def test_windows_given_as_a_matrix_are_scored_as_is():
     windows = torch.randint(0, V, (7, 32))
     r = perplexity(Bigram(), windows, seqlen=32, max_windows=5)

@@ -22,7 +22,10 @@ def test_full_cell_on_tiny_random_writes_a_complete_record(cfg_factory):
     assert on_disk["status"] == "ok" and on_disk["cell_id"] == rec["cell_id"]
     for key in ("ppl/wikitext_sample/base", "ppl/wikitext_sample/final", "ppl/xsum/final"):
         assert on_disk["metrics"][key] > 1
-    assert on_disk["eval"]["xsum"] == {"seqlen": 64, "windows": 2, "tokens": 2 * 63}
+    xsum = on_disk["eval"]["xsum"]
+    assert {k: xsum[k] for k in ("seqlen", "windows", "tokens")} == {"seqlen": 64, "windows": 2, "tokens": 2 * 63}
+    assert sorted(xsum["window_nll"]) == ["base", "final"]  # every perplexity stage keeps its windows' NLL
+    assert all(len(v) == 2 for v in xsum["window_nll"].values())
     assert on_disk["merge"]["lossless"] is True
     assert len(on_disk["train"]["losses"]) == 3
     assert {"load_s", "quantize_s", "train_s", "merge_s", "total_s"} <= set(on_disk["timings"])

@@ -1,9 +1,9 @@
 """Accuracy of the in-memory model through lm-eval (``HFLM(pretrained=model, tokenizer=tok)``).
 
 Each task in ``cfg.eval.tasks`` runs in its own ``simple_evaluate`` call (so each gets its own time
-and few-shot count), with ``log_samples`` off unless asked and lm-eval's default seeds; the global
-RNG states (Python, NumPy, torch) are restored afterwards, so training after the base evaluation
-draws the same numbers as without it.
+and few-shot count), with lm-eval's default seeds (its samples are written next to the record only
+with ``eval.log_samples``); the global RNG states (Python, NumPy, torch) are restored afterwards,
+so training after the base evaluation draws the same numbers as without it.
 
 Generative tasks (``output_type: generate_until``, qexp/tasks/qexp_{gsm8k,gsm8k_cot,sql,viggo,asdiv}.yaml)
 run in the same call: HFLM generates greedily, batched (``lm_eval_batch_size``), with the KV cache and
@@ -11,6 +11,10 @@ a progress bar; ``eval.max_new_tokens`` overrides the task's ``max_gen_toks``; a
 ``metadata.chat_template: true`` gets the tokenizer's chat template (:func:`check_generation` refuses
 a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a task's test data with a
 local JSONL file (same fields as the hub rows), for machines without hub access.
+
+Per-item scores (for the analysis' bootstrap over items) are kept in the record, compactly:
+``details["items"][<task>] = {"acc": "0110…", "acc_norm": "…"}``, one character per item in doc_id
+order (``doc_ids`` only where they are not 0..n-1), a few KB per task (:func:`item_scores`).
 
 Metric names (the caller appends ``/<stage>``):
   ``exact_match/<task>``  the generative tasks' exact match (each paper's answer extraction,
@@ -191,6 +195,30 @@ def suite_note(details: dict, suite: str, metric: str) -> tuple[float | None, st
     return se, f"{counts} items per task{limit}" if items else ""
 
 
+def item_scores(samples: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """lm-eval's logged samples → per task, each metric's per-item 0/1 scores as a string in doc_id
+    order (``"0110"``; a metric with other values: a list of floats rounded to 4 decimals), with
+    ``doc_ids`` where they are not 0..n-1. Only the unfiltered answers (filter ``none``), as the
+    recorded metrics are."""
+    out: dict[str, dict[str, Any]] = {}
+    for task, rows in samples.items():
+        rows = sorted((r for r in rows if r.get("filter", "none") == "none"), key=lambda r: r["doc_id"])
+        if not rows:
+            continue
+        entry: dict[str, Any] = {}
+        ids = [int(r["doc_id"]) for r in rows]
+        if ids != list(range(len(ids))):
+            entry["doc_ids"] = ids
+        for m in METRICS:
+            values = [r.get(m) for r in rows]
+            if any(not isinstance(v, int | float) for v in values):
+                continue
+            entry[m] = ("".join(str(int(v)) for v in values) if all(v in (0, 1) for v in values)
+                        else [round(float(v), 4) for v in values])
+        out[task] = entry
+    return out
+
+
 def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
              samples_dir: Path | None = None) -> tuple[dict[str, float], dict]:
     """Run ``ecfg.tasks`` on ``model``; return (metrics without the stage suffix, details for the record).
@@ -207,19 +235,20 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=ecfg.lm_eval_batch_size, device=str(device))
     results: dict[str, dict] = {}
-    details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit}
+    details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit, "items": {}}
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
         with _quiet(), _keep_rng(), torch.no_grad():
             out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir, ecfg)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
                                   apply_chat_template=needs_chat_template(name),
-                                  log_samples=bool(ecfg.log_samples and samples_dir), bootstrap_iters=1000)
+                                  log_samples=True, bootstrap_iters=1000)  # samples: per-item scores
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         for task, r in out["results"].items():
             results[task] = {m: float(r[f"{m},none"]) for m in METRICS if isinstance(r.get(f"{m},none"), float)}
             results[task] |= {f"{m}_stderr": float(r[f"{m}_stderr,none"]) for m in METRICS
                               if isinstance(r.get(f"{m}_stderr,none"), float)}
+        details["items"] |= item_scores(out.get("samples", {}))
         n = sum(v["effective"] for v in out.get("n-samples", {}).values())
         details["tasks"][name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "items": n,
                                   "num_fewshot": out.get("n-shot", {}).get(name, 0)}

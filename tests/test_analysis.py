@@ -134,14 +134,16 @@ def test_ordering_check_flips_with_the_values(res):
         o = t.ordering[(t.ordering["bits"] == 3) & (t.ordering["column"] == col)]
         hit = o[o["better"].isin([a, b]) & o["worse"].isin([a, b])]
         assert len(hit) == 1
-        return bool(hit["holds"].iloc[0])
+        return bool(hit["agrees"].iloc[0])
 
     t = analysis.table(res.df, "lota_t1")
     assert pair(t, "Avg", "lota", "qalora") and not pair(t, "STEM", "qalora", "qlora")
-    assert t.direction()[ROW3].startswith("48/50 hold")
+    # one seed and records without per-item data: every ordering unresolved, the point estimates still counted
+    assert t.direction()[ROW3] == "0 hold, 0 flip, 50 unresolved of 50; point estimates in the paper's order: 48/50"
+    assert set(t.ordering["verdict"]) == {"unresolved"} and t.ordering["basis"].str.startswith("none: 1 seed").all()
     flipped = analysis.table(swap(res.df, "acc/mmlu5/final", 3, "lota", "qalora"), "lota_t1")
     assert not pair(flipped, "Avg", "lota", "qalora")
-    assert flipped.direction()[ROW3].startswith("45/50 hold; flipped:")  # + lota/qlora and qlora/qalora on Avg
+    assert flipped.direction()[ROW3].endswith("in the paper's order: 45/50")  # + lota/qlora and qlora/qalora on Avg
     # lower-is-better metrics: perplexity
     t = analysis.table(res.df, "lrqat_t4")
     assert pair(t, "Wiki2 ppl", "peqa", "lrqat")
@@ -166,9 +168,11 @@ def test_wandb_export_csv(tmp_path):
 
 
 def test_cli_plots_and_files(tmp_path, capsys):
-    assert main([str(FIXTURE), "--table", "lrqat_t4", "--table", "lota_t1", "--out", str(tmp_path)]) == 0
+    bench = ROOT / "results" / "bench" / "bench.json"
+    assert main([str(FIXTURE), "--table", "lrqat_t4", "--table", "lota_t1", "--out", str(tmp_path),
+                 "--bench", str(bench)]) == 0
     out = capsys.readouterr().out
-    assert "3 not ok" in out and "16/16 hold" in out
+    assert "3 not ok" in out and "16 unresolved of 16; point estimates in the paper's order: 16/16" in out
     for f in ("records.csv", "cells.csv", "lrqat_t4.md", "lrqat_t4.tex", "lota_t1.csv", "metric_vs_bits.png",
               "pareto.png", "cost.png"):
         assert (tmp_path / f).stat().st_size > 0, f
@@ -206,9 +210,10 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in outputs])
-    assert "48/50 hold" in text
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
-    assert (tmp_path / "pareto.png").exists()
+    assert "point estimates in the paper's order: 48/50" in text and "unresolved" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4  # vs bits, Pareto, losses, cost (no budget)
+    for name in ("metric_vs_bits", "pareto", "losses", "cost"):
+        assert (tmp_path / f"{name}.png").exists(), name
 
 
 def test_compare_grid_base_to_final_and_against_a_baseline(res, tmp_path, capsys):
@@ -252,7 +257,7 @@ def test_perplexity_proxy_where_no_record_has_the_papers_metric(res):
         o = t.ordering[(t.ordering["bits"] == 3) & (t.ordering["column"] == "Avg")]
         hit = o[(o["better"] == "lota") & (o["worse"] == "gptq")]  # the paper: LoTA-QAF above GPTQ
         assert len(hit) == 1
-        return bool(hit["holds"].iloc[0])
+        return bool(hit["agrees"].iloc[0])
 
     assert not analysis.table(res.df, "lota_t1").values["proxy"].any()  # accuracy present: no proxy
     ppl_only = res.df[~res.df["metric"].str.startswith("acc")]
@@ -276,8 +281,10 @@ def test_a_table_uses_only_its_own_experiments_when_present(res):
     got = t.values.set_index(["bits", "column", "method"])["ours"]
     pd.testing.assert_series_equal(got, base)  # the other sweep's cells are not averaged in
     assert any("lota_t1_embedded only" in n for n in t.notes)
-    mixed = analysis.table(pd.concat([res.df, other], ignore_index=True), "lota_t1")  # no own sweep: all cells
-    assert not mixed.values.set_index(["bits", "column", "method"])["ours"].equals(base)
+    # no own sweep: all cells; an lr study's cells differ in more than seed, so they are not averaged: said so
+    lr = other.assign(cell_id=other["cell_id"] + "-lr", **{"train.lr": 0.5})
+    with pytest.raises(analysis.MixedSettings, match=r"method=lota.*differ in more than seed \(train.lr: 0.0001, 0.5"):
+        analysis.table(pd.concat([res.df, lr], ignore_index=True), "lota_t1")
 
 
 def test_every_model_config_is_named_in_the_table_registry():

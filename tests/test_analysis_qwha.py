@@ -56,7 +56,7 @@ def test_table2_reads_the_init_errors_and_checks_the_ordering():
     assert q["ours"].to_dict() == errors
     assert q.loc["qwha", "paper"] == 5.11 and q.loc["qwha_zero", "paper"] == 13.84
     o = t.ordering[t.ordering["column"] == "Query"]
-    assert len(o) == 10 and o["holds"].all()  # lower error is better; every paper ordering holds here
+    assert len(o) == 10 and o["agrees"].all()  # lower error is better; every paper ordering agrees here
 
 
 def test_table5_is_seconds_per_step_at_the_batch():

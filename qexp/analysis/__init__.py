@@ -8,6 +8,9 @@
 
 CLI: ``python -m qexp.analysis results/<sweep> --table lota_t1`` (``--list`` shows the tables);
 ``--compare ppl/wikitext_sample --baseline rtn``: one metric as a method × bits grid, base → final.
+Uncertainty (:mod:`.uncertainty`): ``seed_summary(res.df, metric)`` gives mean, std, n and a 95 %
+interval per setting (cells that differ only in seed); tables show ``mean ± CI`` and call each paper
+ordering holds / flips / unresolved.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import pandas as pd
 from .compare import compare, compare_markdown
 from .load import Results, load, wide
 from .metrics import direction, parse
-from .plots import plot_cost, plot_pareto, plot_vs_bits, save_plots
+from .plots import plot_cost, plot_losses, plot_pareto, plot_vs_bits, plot_vs_steps, save_plots
 from .tables import Table, list_tables, paper_values, table
+from .uncertainty import Cells, MixedSettings, seed_summary
 
-__all__ = ["Results", "Table", "compare", "compare_markdown", "direction",
+__all__ = ["Cells", "MixedSettings", "Results", "Table", "compare", "compare_markdown", "direction",
            "flat", "list_tables", "load", "log_table", "paper_values", "parse",
-           "plot_cost", "plot_pareto", "plot_vs_bits", "save_plots", "table", "wide"]
+           "plot_cost", "plot_losses", "plot_pareto", "plot_vs_bits", "plot_vs_steps", "save_plots", "seed_summary",
+           "table", "wide"]
 
 
 def flat(df: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 from . import flat, list_tables, load, log_table, save_plots, table, wide
 from .compare import compare, compare_markdown
 from .tables import registry, runnable
+from .uncertainty import MixedSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
     p.add_argument("--out", help="output directory (default: <source>/analysis)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--bench", help="a qexp.bench result (bench.json) for the cost plot "
+                                   "(default: results/bench/bench.json when it exists)")
     p.add_argument("--wandb", action="store_true", help="log the tables as wandb.Table (group = the sweep)")
     p.add_argument("--project", default="qexp")
     p.add_argument("--entity")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         try:
             t = table(res.df, n, a.paper_model, a.stage)
-        except KeyError as e:
+        except (KeyError, MixedSettings) as e:
             p.error(str(e.args[0]))
         md = t.markdown()
         print("\n" + md)
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.wandb and not names:
         print(f"W&B: cells -> {log_table(cells, a.project, group, 'cells', a.wandb_mode, a.entity, dir=out)}")
     if not a.no_plots and len(res.df):
-        for path in save_plots(res.df, out):
+        bench = a.bench or next((b for b in [Path("results/bench/bench.json")] if b.exists()), None)
+        for path in save_plots(res.df, out, bench=bench):
             print(f"plot: {path}")
     print(f"written to {out}")
     return 0

@@ -22,7 +22,8 @@ def compare(df: pd.DataFrame, metric: str = "ppl/wikitext_sample", baseline: str
         have = sorted({m.rsplit("/", 1)[0] for m in df["metric"]} | set(df["metric"]))
         raise KeyError(f"metric {metric!r} has no values here; available: {', '.join(have)}")
     keys = ["method", "group_size", *varying(rows)]
-    t = rows.pivot_table(index=keys, columns=["bits", "stage"], values="value", aggfunc="first", dropna=False)
+    # cells that differ only in seed: their mean (seed_summary gives std, n and the interval)
+    t = rows.pivot_table(index=keys, columns=["bits", "stage"], values="value", aggfunc="mean", dropna=False)
     t = t.dropna(how="all")
     if baseline:
         if baseline not in set(t.index.get_level_values("method")):

@@ -6,6 +6,9 @@ table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, `
 preempted, running, corrupt) go to :attr:`Results.failed` and never into the metrics; preempted
 ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
 records whose final model is degenerate stay in, and their warnings are :attr:`Results.warnings`.
+The per-window NLL and per-item scores of the ok records (:mod:`.uncertainty`) ride along in
+``df.attrs["units"]`` (cell_id → metric → arrays), so tables can bootstrap them, and the training
+losses per step in ``df.attrs["losses"]`` (cell_id → list), for the loss curves.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from . import metrics as M
+from .uncertainty import Units, record_units, sample_units
 
 CELL = ["sweep", "model", "method", "bits", "group_size", "seed", "dataset", "cell_id"]
 TIDY = [*CELL, "metric", "kind", "target", "stage", "value"]
@@ -133,7 +137,7 @@ def read_json(path: Path) -> dict:
 
 def from_records(recs: list[tuple[str, dict]]) -> Results:
     """(path, record) pairs → :class:`Results`."""
-    rows, failed, warnings = [], [], []
+    rows, failed, warnings, units, losses = [], [], [], Units(), Units()
     for path, rec in recs:
         info = cell_info(rec, path)
         if rec.get("status") != "ok":
@@ -144,6 +148,13 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
             continue
         warnings += [{**{k: info.get(k) for k in WARNINGS}, "warning": w} for w in rec.get("warnings") or []]
         cfg = config_columns(rec["config"])
+        u = record_units(rec)
+        if Path(path).name == "result.json":  # a directory's record: lm-eval samples beside it, if any
+            u = sample_units(Path(path).parent, rec) | u
+        if u:
+            units[info["cell_id"]] = u
+        if (rec.get("train") or {}).get("losses"):
+            losses[info["cell_id"]] = rec["train"]["losses"]
         for name, value in record_metrics(rec).items():
             m = M.parse(name)
             rows.append({**info, "metric": m.name, "kind": m.kind, "target": m.target, "stage": m.stage,
@@ -157,7 +168,9 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
     bad = pd.DataFrame(failed, columns=FAILED)
     for c in ("bits", "group_size", "seed"):
         bad[c] = pd.to_numeric(bad[c], errors="coerce").astype("Int64")
-    return Results(df.reset_index(drop=True), bad, pd.DataFrame(warnings, columns=WARNINGS))
+    df = df.reset_index(drop=True)
+    df.attrs["units"], df.attrs["losses"] = units, losses
+    return Results(df, bad, pd.DataFrame(warnings, columns=WARNINGS))
 
 
 def wandb_record(config: dict, summary: dict, state: str | None, name: str | None = None) -> dict:

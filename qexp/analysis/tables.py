@@ -15,6 +15,7 @@ import pandas as pd
 import yaml
 
 from . import metrics as M
+from . import uncertainty as U
 
 
 @cache
@@ -77,7 +78,8 @@ class Table:
         return [*self.spec["rows"], "paper_model"]
 
     def direction(self) -> pd.Series:
-        """Per row: how many of the paper's method orderings hold in ours, and which flipped."""
+        """Per row: how many of the paper's method orderings hold, flip or are unresolved in ours (95 %
+        intervals, :mod:`.uncertainty`), which flip, and how many agree by point estimate alone."""
         groups = {k: g for k, g in self.ordering.groupby(self.keys, sort=False)}
         out = {}
         for key in self.values[self.keys].drop_duplicates().itertuples(index=False, name=None):
@@ -85,11 +87,14 @@ class Table:
             if o is None:
                 out[key] = "no pair with both values"
                 continue
-            flips = o[~o["holds"]]
-            s = f"{int(o['holds'].sum())}/{len(o)} hold"
+            count = o["verdict"].value_counts()
+            s = (f"{count.get('holds', 0)} hold, {count.get('flips', 0)} flip, "
+                 f"{count.get('unresolved', 0)} unresolved of {len(o)}")
+            flips = o[o["verdict"] == "flips"]
             if len(flips):
                 shown = [f"{r.better} vs {r.worse} ({r.column})" for r in flips.head(3).itertuples()]
-                s += "; flipped: " + ", ".join(shown) + (f", +{len(flips) - 3} more" if len(flips) > 3 else "")
+                s += "; flips: " + ", ".join(shown) + (f", +{len(flips) - 3} more" if len(flips) > 3 else "")
+            s += f"; point estimates in the paper's order: {int(o['agrees'].sum())}/{len(o)}"
             out[key] = s
         return pd.Series(out, name="direction").rename_axis(self.keys)
 
@@ -104,7 +109,8 @@ class Table:
         return w
 
     def display(self) -> pd.DataFrame:
-        """Strings ``ours [paper]`` per (column, paper label); row keys as columns."""
+        """Strings ``ours ± half-width of its 95 % interval [paper]`` per (column, paper label); row keys
+        as columns."""
         f = self.frame()
         labels = dict(zip(self.values["method"], self.values["label"], strict=False))
         shared = {lab for lab in labels.values() if lab and list(labels.values()).count(lab) > 1}
@@ -112,12 +118,15 @@ class Table:
         proxy = self.values.set_index([*self.keys, "column"])["proxy"]
         proxy = proxy[~proxy.index.duplicated()]
 
-        def cell(key: tuple, col: str, o: float, p: float) -> str:
+        ci = self.values.set_index([*self.keys, "column", "method"])[["ours_low", "ours_high"]]
+
+        def cell(key: tuple, col: str, m: str, o: float, p: float) -> str:
             mark = "ppl " if proxy.get((*key, col), False) and not pd.isna(o) else ""
-            return f"{mark}{fmt(o)} [{fmt(p)}]"
+            lo, hi = ci.loc[(*key, col, m)] if (*key, col, m) in ci.index else (np.nan, np.nan)
+            return f"{mark}{U.pm(o, lo, hi, fmt)} [{fmt(p)}]"
 
         out = pd.DataFrame({f"{c['label']}: {labels.get(m) or m + ' (not in paper)'}":
-                            [cell(k if isinstance(k, tuple) else (k,), c["label"], o, p)
+                            [cell(k if isinstance(k, tuple) else (k,), c["label"], m, o, p)
                              for k, o, p in zip(f.index, f[(c["label"], m, "ours")], f[(c["label"], m, "paper")],
                                                 strict=True)]
                             for c in self.spec["columns"] for m in self.spec["methods"]}, index=f.index)
@@ -154,9 +163,11 @@ def _label(method: str, csv: pd.DataFrame) -> str | None:
     return next((a for a in registry()["methods"].get(method, []) if (csv["method"] == a).any()), None)
 
 
-def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str) -> tuple[float, str | None, int]:
-    """Mean of our metric for this row and method (×100 for accuracies), the metric name, the cell count.
-    ``recs``: the tidy rows as tuples (plain Python filtering: far faster than DataFrame masks here)."""
+def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str,
+          units: dict) -> tuple[float, str | None, int, U.Cells | None]:
+    """Mean of our metric for this row and method over its seeds (×100 for accuracies), the metric
+    name, the cell count and the cells (seed, value, units) for the interval. ``recs``: the tidy rows
+    as tuples (plain Python filtering: far faster than DataFrame masks here)."""
     fixed = [] if method in registry()["sixteen_bit"] else [k for k in ("bits", "group_size") if k in row]
     sel = [r for r in recs if r.model == row["model"] and method in ("fp16", r.method)
            and all(getattr(r, k) == row[k] for k in fixed)]
@@ -165,9 +176,14 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str) -
     # stage-less metrics (time/…, init/…) after the staged ones
     name = next((n for st in [*stages, None] if (n := M.pick(have, col["ours"], st))), None)
     if name is None:
-        return np.nan, None, 0
+        return np.nan, None, 0, None
     hit = [r for r in sel if r.metric == name]
-    return float(np.mean([r.value for r in hit])) * M.scale(name), name, len({r.cell_id for r in hit})
+    per_seed = {}  # one cell per seed (fp16: every cell's fp stage is the same model; the first stands for it)
+    for r in hit:
+        per_seed.setdefault(r.seed, r)
+    cells = U.Cells(name, list(per_seed), [r.value for r in per_seed.values()],
+                    [units.get(r.cell_id, {}).get(name) for r in per_seed.values()])
+    return cells.mean() * M.scale(name), name, len({r.cell_id for r in hit}), cells
 
 
 def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict) -> tuple[float, float]:
@@ -222,9 +238,11 @@ def variants(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     return df
 
 
-def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
-    """For each row and column, every pair of methods with ours and paper values: does the paper's better
-    method (by the metric's direction) also come out better in ours? Ties in the paper are skipped."""
+def ordering(values: pd.DataFrame, sp: dict, keys: list[str], draws: int = U.B) -> pd.DataFrame:
+    """For each row and column, every pair of methods with ours and paper values: the paper's better
+    method (by the metric's direction) minus the worse one in ours (positive: the paper's order), its
+    95 % interval over seeds and eval units (:mod:`.uncertainty`) and the verdict: holds / flips /
+    unresolved. ``agrees``: the point estimates alone are in the paper's order. Ties in the paper are skipped."""
     out = []
     for key, g in values.groupby([*keys, "column"], sort=False):
         key, col = key[:-1], key[-1]
@@ -236,14 +254,40 @@ def ordering(values: pd.DataFrame, sp: dict, keys: list[str]) -> pd.DataFrame:
                 continue
             better, worse = (a, b) if dp > 0 else (b, a)
             # ours may be a proxy metric with its own direction (perplexity where the paper has accuracy)
-            do = g.at[better, "sign_ours"] * (g.at[better, "ours"] - g.at[worse, "ours"])
+            so = g.at[better, "sign_ours"]
+            do = so * (g.at[better, "ours"] - g.at[worse, "ours"])
+            c = U.compare(g.at[better, "cells"], g.at[worse, "cells"], so, draws)
+            k = M.scale(g.at[better, "ours_metric"])
             out.append({**dict(zip(keys, key, strict=True)), "column": col, "better": better, "worse": worse,
-                        "paper_diff": abs(dp), "ours_diff": do, "holds": bool(do > 0)})
-    cols = [*keys, "column", "better", "worse", "paper_diff", "ours_diff", "holds"]
+                        "paper_diff": abs(dp), "ours_diff": do, "ci_low": c["ci_low"] * k, "ci_high": c["ci_high"] * k,
+                        "n_better": c["n_better"], "n_worse": c["n_worse"], "basis": c["basis"],
+                        "verdict": c["verdict"], "holds": c["verdict"] == "holds", "agrees": bool(do > 0)})
+    cols = [*keys, "column", "better", "worse", "paper_diff", "ours_diff", "ci_low", "ci_high", "n_better",
+            "n_worse", "basis", "verdict", "holds", "agrees"]
     return pd.DataFrame(out, columns=cols)
 
 
-def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: str = "final") -> Table:
+def check_seeds(df: pd.DataFrame, keys: list[str], table: str) -> None:
+    """Cells averaged into one table cell must differ only in ``seed``: otherwise say which config
+    keys differ (and their values) instead of averaging them (:class:`.uncertainty.MixedSettings`)."""
+    sixteen = registry()["sixteen_bit"]
+    cells = df[~df["method"].isin(sixteen)].drop_duplicates("cell_id")
+    by = ["model", "method", *(k for k in ("bits", "group_size") if k in keys)]
+    cols = [c for c in cells.columns if "." in c or c in ("bits", "group_size", "dataset")]
+    for key, g in cells.groupby(by, dropna=False):
+        if len(g) < 2:
+            continue
+        diff = U.differing(g[[c for c in cols if c not in by]], U.trains(key[1]))
+        if diff:
+            where = ", ".join(f"{k}={v}" for k, v in zip(by, key, strict=True))
+            what = "; ".join(f"{k}: {', '.join(v)}" for k, v in diff.items())
+            raise U.MixedSettings(f"table {table}: the cells at {where} differ in more than seed ({what}); "
+                                  f"they would be averaged as seeds of one setting. Select one setting "
+                                  f"(a results directory of one sweep, or filter the records) first.")
+
+
+def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: str = "final",
+          units: dict | None = None, draws: int = U.B) -> Table:
     """Fill table ``name`` (see :func:`list_tables`) from the tidy records ``df``.
 
     Rows come from our records (each row's model maps to the paper's name, or, when the paper has no
@@ -264,7 +308,12 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     where, keys = sp.get("where", {}), list(sp["rows"])
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
-    ours = df[["model", "method", "bits", "group_size", "cell_id", "metric", "value", *expect]]
+    units = df.attrs.get("units") or {} if units is None else units  # per-window / per-item data (load)
+    ours = df[["model", "method", "bits", "group_size", "seed", "cell_id", "metric", "value", *expect]]
+    scope = df
+    for k, v in where.items():
+        scope = scope[(scope[k] == v) | scope["method"].isin(registry()["sixteen_bit"])]
+    check_seeds(scope, keys, name)  # never average cells that differ in more than seed
     for k, v in where.items():
         ours = ours[(ours[k] == v) | ours["method"].isin(registry()["sixteen_bit"])]
     base = ours[ours["method"].isin(real)]
@@ -287,12 +336,15 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         pm = _paper_model(row["model"], csv, ref) if "model" in row else ref
         for col in sp["columns"]:
             sign = M.direction(col["ours"][0]) or 0
-            found = {m: _ours(recs_ours, row, m, col, sp, stage) for m in sp["methods"]}
+            found = {m: _ours(recs_ours, row, m, col, sp, stage, units) for m in sp["methods"]}
             proxy = bool(col.get("proxy")) and not any(f[1] for f in found.values())
             if proxy:  # no record has this column's metric: ours by the proxy (perplexity), for every method
-                found = {m: _ours(recs_ours, row, m, {"ours": col["proxy"]}, sp, stage) for m in sp["methods"]}
+                found = {m: _ours(recs_ours, row, m, {"ours": col["proxy"]}, sp, stage, units)
+                         for m in sp["methods"]}
             for m in sp["methods"]:
-                o, metric, n = found[m]
+                o, metric, n, cells = found[m]
+                ci = U.summary(cells, draws) if cells else {"ci_low": np.nan, "ci_high": np.nan, "n": 0, "basis": ""}
+                k = M.scale(metric) if metric else 1.0
                 label = labels[m]
                 p, pg = _paper(recs_csv, pm, label, row, col, sp)
                 if metric:
@@ -303,7 +355,9 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
                 if not pd.isna(pg) and row.get("group_size") not in (None, pg):
                     group_swaps.add((row["group_size"], int(pg)))
                 recs.append({**{k: row[k] for k in keys}, "paper_model": pm, "column": col["label"], "method": m,
-                             "label": label, "ours": o, "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign,
+                             "label": label, "ours": o, "ours_low": ci["ci_low"] * k, "ours_high": ci["ci_high"] * k,
+                             "n_seeds": ci["n"], "basis": ci["basis"], "cells": cells,
+                             "paper": p, "ours_metric": metric, "n_cells": n, "sign": sign,
                              "sign_ours": (M.direction(metric) or 0) if proxy and metric else sign, "proxy": proxy})
     values = pd.DataFrame(recs)
     order = ordering(values, sp, [*keys, "paper_model"])
@@ -313,15 +367,23 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     if sp.get("paper_bits"):
         notes.insert(1, f"The paper gives this table at {sp['paper_bits']} bits only: its values stand beside ours at "
                         "every bit width.")
-    return Table(name, sp, values.drop(columns=["sign", "sign_ours"]), order,
+    return Table(name, sp, values.drop(columns=["sign", "sign_ours", "cells"]), order,
                  notes[:1] + sorted(fallbacks) + notes[1:])
 
 
 def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: set, stage: str,
            ours: pd.DataFrame) -> list[str]:
     per = "".join(f", {m}: `{s}`" for m, s in sp.get("stages", {}).items())
-    notes = [f"Cells: ours [paper]. Ours = mean over matching cells of the record metric at stage `{stage}` "
-             f"(fp16: `fp`{per}); accuracies ×100. –: no value."]
+    notes = [f"Cells: ours ± CI [paper]. Ours = mean over seeds (cells that differ only in `seed`) of the record "
+             f"metric at stage `{stage}` (fp16: `fp`{per}); accuracies ×100. ± = half-width of its 95 % interval "
+             "(bootstrap over seeds and eval windows / items; Student's t over seeds where records have no "
+             "per-window data); no ±: nothing to resample. –: no value."]
+    have = values[values["n_seeds"] > 0]
+    if len(have):
+        n = sorted(set(have["n_seeds"]))
+        bases = have["basis"].value_counts()
+        notes.append(f"Seeds per value: n = {n[0] if len(n) == 1 else f'{n[0]}–{n[-1]}'}. Intervals over: "
+                     + ", ".join(f"{b} ({c} values)" for b, c in bases.items()) + ".")
     foreign = sorted({(r.model, r.paper_model) for r in values.itertuples() if r.paper_model != r.model
                       and r.paper_model not in (registry()["models"].get(r.model) or [])}) if "model" in keys else []
     if foreign:
@@ -355,8 +417,10 @@ def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: se
                      f"perplexity (`ppl` …, lower is better; metrics tried: {', '.join(tried)}) beside the paper's "
                      "accuracy, and direction compares the paper's ordering by its metric with ours by perplexity. "
                      "Run the experiment with an accuracy eval (eval=embedded) for the paper's metric itself.")
-    notes.append("direction: for every pair of methods with both values, whether the method the paper finds better "
-                 "(higher accuracy, lower perplexity) is also better in ours.")
+    notes.append("direction: for every pair of methods with both values, the difference (the paper's better method "
+                 "minus its worse one, in ours) with its 95 % interval: **holds** when the interval excludes 0 in the "
+                 "paper's direction, **flips** when it excludes 0 the other way, **unresolved** otherwise (always "
+                 "with one seed and no per-window / per-item data). `Table.ordering` lists each pair.")
     if sp.get("note"):
         notes.append(sp["note"])
     return notes

@@ -1,0 +1,316 @@
+"""Uncertainty: seeds and eval units (perplexity windows, accuracy items) → means, intervals, verdicts.
+
+Records keep each perplexity window's mean NLL (``eval.<set>.window_nll.<stage>``) and each lm-eval
+item's score (``eval.lm_eval.<stage>.items.<task>``). :func:`record_units` turns them into *units*
+per metric: the arrays a metric is computed from (one array for ``ppl/…`` and ``acc/<task>/…``; one
+per member task for a suite average such as ``acc/csqa7_offline/…``).
+
+A method's value at one setting is the mean over its seeds (cells that differ only in ``seed``).
+Its 95 % interval, and that of the difference between two methods, come from one bootstrap:
+each draw resamples the seeds (with replacement) and, inside each cell, the eval units (with
+replacement; the same unit indices for every cell, since all cells score the same windows or
+items: a paired bootstrap), and recomputes the metric from the resampled units (perplexity =
+exp(mean NLL), accuracy = mean score, a suite = the mean of its members). Where a record has no
+units (records before issue 21) and there are several seeds, the interval is Student's t over the
+seeds (paired by seed), since a percentile bootstrap over 2–3 values is far too narrow.
+
+A paper's ordering "A better than B" **holds** when the interval of the difference (A better
+by the metric's direction) lies above 0, **flips** when it lies below 0, and is **unresolved**
+otherwise, and always when there is nothing to resample: one seed and no per-unit data.
+``basis`` says what the interval covers (``seeds×windows``, ``windows (1 seed)``, ``seeds (t; …)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+
+B = 2000  # bootstrap draws
+LEVEL = 0.95
+VERDICTS = ("holds", "flips", "unresolved")
+# Config values that do not change a cell's numbers (how fast or how verbose it ran).
+HARMLESS = ("eval.log_samples", "eval.lm_eval_batch_size", "eval.batch_size", "train.log_every",
+            "train.checkpoint_every", "train.gradient_checkpointing")
+
+
+class Units(dict):
+    """cell_id → {metric name: [arrays]}; kept in ``DataFrame.attrs`` without being deep-copied
+    by every pandas operation."""
+
+    def __deepcopy__(self, memo: dict) -> Units:
+        return self
+
+    def __eq__(self, other: object) -> bool:  # pandas compares attrs (concat): by identity, never by arrays
+        return self is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _bits(s: Any) -> np.ndarray | None:
+    if isinstance(s, str):
+        return np.frombuffer(s.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
+    if isinstance(s, list) and s:
+        return np.asarray(s, dtype=np.float64)
+    return None
+
+
+def record_units(rec: dict) -> dict[str, list[np.ndarray]]:
+    """The per-window / per-item arrays of one record, by metric name (``ppl/<set>/<stage>``,
+    ``<metric>/<task>/<stage>``, ``<metric>/<suite>/<stage>``); empty for records that predate them."""
+    ev = rec.get("eval") or {}
+    out: dict[str, list[np.ndarray]] = {}
+    for name, e in ev.items():
+        if name != "lm_eval" and isinstance(e, dict):
+            for stage, nll in (e.get("window_nll") or {}).items():
+                if nll:
+                    out[f"ppl/{name}/{stage}"] = [np.asarray(nll, dtype=np.float64)]
+    for stage, d in (ev.get("lm_eval") or {}).items():
+        items = {t: {m: a for m, v in per.items() if m != "doc_ids" and (a := _bits(v)) is not None}
+                 for t, per in (d.get("items") or {}).items()}
+        for task, per in items.items():
+            for m, a in per.items():
+                out[f"{m}/{task}/{stage}"] = [a]
+        for suite, info in (d.get("suites") or {}).items():
+            for m in ("acc", "acc_norm"):
+                members = list(zip(info.get("tasks", []), info.get(m, []), strict=False))
+                arrays = [items.get(t, {}).get(k) for t, k in members]
+                if members and all(a is not None for a in arrays):
+                    out[f"{m}/{suite}/{stage}"] = arrays
+    return out
+
+
+def sample_units(cell_dir: Path, rec: dict) -> dict[str, list[np.ndarray]]:
+    """Per-item units from lm-eval samples written next to a record (``eval.log_samples=true``:
+    ``samples_<stage>/<task>.jsonl``, also where a reused cell ran), for records whose ``eval`` has
+    no ``items`` (those before issue 21)."""
+    out: dict[str, list[np.ndarray]] = {}
+    dirs = [cell_dir] + ([Path(rec["reused_from"])] if rec.get("reused_from") else [])
+    for d in dirs:
+        for f in sorted(d.glob("samples_*/*.jsonl")):
+            stage, task = f.parent.name.removeprefix("samples_"), f.stem
+            if any(k.endswith(f"/{task}/{stage}") for k in out):
+                continue
+            from ..eval.lmeval import item_scores  # torch: only when there are samples to read
+
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            for m, v in item_scores({task: rows}).get(task, {}).items():
+                if m != "doc_ids" and (a := _bits(v)) is not None:
+                    out[f"{m}/{task}/{stage}"] = [a]
+    return out
+
+
+def statistic(metric: str, arrays: list[np.ndarray], idx: list[np.ndarray] | None = None) -> np.ndarray | float:
+    """The metric from its units (indexed by ``idx`` [draws, n] per array, if given): exp(mean NLL)
+    for perplexity, else the mean of the members' means."""
+    means = [a.mean() if idx is None else a[i].mean(axis=-1) for a, i in zip(arrays, idx or [None] * len(arrays),
+                                                                              strict=True)]
+    value = sum(means) / len(means)
+    return np.exp(value) if M.parse(metric).kind == "ppl" else value
+
+
+@dataclass
+class Cells:
+    """One method's cells at one setting: seed, recorded value and units (None: not in the record)."""
+
+    metric: str
+    seeds: list[int]
+    values: list[float]
+    units: list[list[np.ndarray] | None] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def has_units(self) -> bool:
+        return bool(self.units) and all(u is not None for u in self.units)
+
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else float("nan")
+
+
+def _draw_units(groups: list[Cells], rng: np.random.Generator, draws: int) -> dict[tuple[int, int], list]:
+    """Per (group, cell) position: one index array [draws, len] per unit array; shared by every cell
+    whose arrays have the same lengths (the same windows / items: paired)."""
+    shared: dict[tuple[int, ...], list[np.ndarray]] = {}
+    out = {}
+    for gi, g in enumerate(groups):
+        for ci, u in enumerate(g.units):
+            if u is None:
+                continue
+            key = tuple(len(a) for a in u)
+            if key not in shared:
+                shared[key] = [rng.integers(0, n, size=(draws, n), dtype=np.int32) for n in key]
+            out[(gi, ci)] = shared[key]
+    return out
+
+
+def _cell_draws(groups: list[Cells], rng: np.random.Generator, draws: int) -> list[np.ndarray]:
+    """Per group: [cells, draws], each cell's metric from resampled units (its value if it has none).
+    Drawn in chunks, so a 14k-item task never holds more than ~4M indices at once."""
+    size = max((sum(len(a) for a in u) for g in groups for u in g.units if u is not None), default=1)
+    step = max(1, min(draws, 4_000_000 // size))
+    out = [np.empty((g.n, draws)) for g in groups]
+    for start in range(0, draws, step):
+        k = min(step, draws - start)
+        idx = _draw_units(groups, rng, k)
+        for gi, g in enumerate(groups):
+            for ci, (u, v) in enumerate(zip(g.units or [None] * g.n, g.values, strict=True)):
+                out[gi][ci, start:start + k] = v if u is None else statistic(g.metric, u, idx[(gi, ci)])
+    return out
+
+
+def bootstrap(groups: list[Cells], draws: int = B, seed: int = 0) -> np.ndarray | None:
+    """[len(groups), draws]: each group's value (mean over resampled seeds of the metric from
+    resampled units); None when nothing varies (every group one seed without units)."""
+    if all(g.n < 2 and not g.has_units for g in groups):
+        return None
+    rng = np.random.default_rng(seed)
+    per_cell = _cell_draws(groups, rng, draws)
+    paired = len({tuple(sorted(g.seeds)) for g in groups}) == 1  # the same seeds: draw the same for all
+    common = rng.integers(0, groups[0].n, size=(draws, groups[0].n)) if paired else None
+    out = np.empty((len(groups), draws))
+    for gi, g in enumerate(groups):
+        pick = np.argsort(g.seeds)[common] if paired else rng.integers(0, g.n, size=(draws, g.n))
+        out[gi] = per_cell[gi][pick, np.arange(draws)[:, None]].mean(axis=1)
+    return out
+
+
+def basis(groups: list[Cells]) -> str:
+    """What the interval resamples, in words (or why there is none)."""
+    n = min(g.n for g in groups)
+    unit = "windows" if M.parse(groups[0].metric).kind == "ppl" else "items"
+    if all(g.has_units for g in groups):
+        return f"seeds×{unit}" if n > 1 else f"{unit} (1 seed)"
+    if n > 1:
+        return f"seeds (t; no per-{unit[:-1]} data)"
+    return f"none: 1 seed and no per-{unit[:-1]} data"
+
+
+def interval(x: np.ndarray | None) -> tuple[float, float]:
+    if x is None:
+        return math.nan, math.nan
+    lo, hi = np.quantile(x, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float) -> str:
+    """holds / flips / unresolved from the interval of (better − worse), in "better" units."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "unresolved"
+    return "holds" if lo > 0 else "flips" if hi < 0 else "unresolved"
+
+
+def _t_interval(groups: list[Cells], sign: int = 1) -> tuple[float, float]:
+    """Student-t interval of one group's mean, or of ``sign · (a − b)`` (paired by seed when both have
+    the same seeds): used instead of the bootstrap when only seeds vary, because a percentile
+    bootstrap over 2–3 values is far too narrow."""
+    from scipy import stats
+
+    if len(groups) == 1:
+        d = np.asarray(groups[0].values)
+        n, se = len(d), d.std(ddof=1) / math.sqrt(len(d))
+    else:
+        a, b = groups
+        if sorted(a.seeds) == sorted(b.seeds):
+            va, vb = (np.asarray(g.values)[np.argsort(g.seeds)] for g in (a, b))
+            d = sign * (va - vb)
+            n, se = len(d), d.std(ddof=1) / math.sqrt(len(d))
+        else:
+            d = np.array([sign * (a.mean() - b.mean())])
+            n, se = min(a.n, b.n), math.sqrt(a.std() ** 2 / a.n + b.std() ** 2 / b.n)
+    half = stats.t.ppf((1 + LEVEL) / 2, n - 1) * se
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def summary(g: Cells, draws: int = B) -> dict[str, Any]:
+    """mean, std, n, the 95 % interval of the mean and its basis for one method's cells."""
+    if g.has_units:
+        lo, hi = interval(bootstrap([g], draws)[0])
+    else:
+        lo, hi = _t_interval([g]) if g.n > 1 else (math.nan, math.nan)
+    return {"mean": g.mean(), "std": g.std(), "n": g.n, "ci_low": lo, "ci_high": hi, "basis": basis([g])}
+
+
+def compare(better: Cells, worse: Cells, sign: int, draws: int = B) -> dict[str, Any]:
+    """The difference ``sign · (better − worse)`` (positive: the expected order), its interval and verdict."""
+    if better.has_units and worse.has_units:
+        b = bootstrap([better, worse], draws)
+        lo, hi = interval(sign * (b[0] - b[1]))
+    elif min(better.n, worse.n) > 1:
+        lo, hi = _t_interval([better, worse], sign)
+    else:
+        lo, hi = math.nan, math.nan
+    return {"diff": sign * (better.mean() - worse.mean()), "ci_low": lo, "ci_high": hi,
+            "verdict": verdict(lo, hi), "basis": basis([better, worse]), "n_better": better.n, "n_worse": worse.n}
+
+
+def pm(mean: float, lo: float, hi: float, fmt: Any = "{:.2f}".format) -> str:
+    """``mean ± half-width`` of the interval (``mean`` alone when there is none)."""
+    if mean is None or pd.isna(mean):
+        return "–"
+    if pd.isna(lo) or pd.isna(hi):
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt((hi - lo) / 2)}"
+
+
+def differing(cells: pd.DataFrame, trains: bool = True) -> dict[str, list[str]]:
+    """Config keys (besides ``seed``) whose values differ between ``cells`` (one row per cell, config
+    columns as in the tidy frame): {key: sorted values}. Keys a record lacks are not compared;
+    ``train.*`` is ignored for methods that do not train, and :data:`HARMLESS` keys always."""
+    out = {}
+    for c in cells.columns:
+        if "." not in c or c in HARMLESS or (not trains and c.startswith("train.")):
+            continue
+        vals = {str(v) for v in cells[c] if not (v is None or (isinstance(v, float) and math.isnan(v)))}
+        if len(vals) > 1:
+            out[c] = sorted(vals)
+    if "dataset" in cells and cells["dataset"].nunique() > 1:
+        out["dataset"] = sorted(map(str, cells["dataset"].unique()))
+    return out
+
+
+class MixedSettings(ValueError):
+    """Cells that would be averaged as seeds of one setting differ in other config values."""
+
+
+def trains(method: str) -> bool:
+    from ..methods import registry
+
+    cls = registry().get(method)
+    return True if cls is None else bool(cls.TRAINS)
+
+
+def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
+    """One row per setting (model, method, bits, group_size, dataset and every config value that
+    varies between cells of one method, e.g. ``train.steps``), over the cells that differ only in ``seed``:
+    ``mean``, ``std``, ``n``, the 95 % interval of the mean (``ci_low``, ``ci_high``), its ``basis``
+    and the ``seeds``. ``metric``: a full name with its stage (``ppl/wikitext_sample/final``)."""
+    rows = df[df["metric"] == metric]
+    if rows.empty:
+        have = sorted(set(df["metric"]))
+        raise KeyError(f"metric {metric!r} has no values here; available: {', '.join(have)}")
+    units = df.attrs.get("units") or {}
+    cells = rows.drop_duplicates("cell_id")
+    by = [cells["method"], cells["group_size"], cells["bits"]]
+    varying = [c for c in cells.columns if "." in c and c not in HARMLESS
+               and cells[c].astype(str).groupby(by).nunique().max() > 1]  # within a method: a study's axis
+    keys = ["model", "method", "bits", "group_size", "dataset", *varying]
+    out = []
+    for key, g in cells.groupby(keys, dropna=False, sort=True):
+        g = g.drop_duplicates("seed")
+        c = Cells(metric, [int(x) for x in g["seed"]], list(g["value"]),
+                  [units.get(i, {}).get(metric) for i in g["cell_id"]])
+        out.append({**dict(zip(keys, key, strict=True)), **summary(c, draws), "seeds": c.seeds})
+    return pd.DataFrame(out)

@@ -1,0 +1,163 @@
+"""Uncertainty in the analysis: seeds and eval windows / items → mean ± CI, holds / flips / unresolved."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qexp import analysis
+from qexp.analysis import uncertainty as U
+from qexp.analysis.__main__ import main
+from qexp.analysis.load import from_records
+
+ROW = ("smollm2_135m", 3, 64, "LLaMA-2-7B")  # lrqat_t4 at 3 bits g64, beside the paper's LLaMA-2-7B
+PPL = "ppl/wikitext_sample/final"
+
+
+def record(method: str, seed: int, nll: list[float] | None, value: float | None = None, lr: float = 1e-4,
+           sweep: str = "lrqat_t4_embedded") -> tuple[str, dict]:
+    """An ok record with per-window NLL (``nll``) or, like a record before issue 21, only its value."""
+    cfg = {"model": {"name": "smollm2_135m"}, "data": {"name": "embedded"}, "bits": 3, "group_size": 64,
+           "seed": seed, "method": {"name": method}, "train": {"lr": lr}}
+    ppl = math.exp(float(np.mean(nll))) if nll is not None else value
+    ev = {"wikitext_sample": {"seqlen": 512, "windows": len(nll), "window_nll": {"final": nll}}} if nll else {}
+    cid = f"{method}-s{seed}-lr{lr}"
+    return f"{sweep}/{cid}/result.json", {"status": "ok", "name": sweep, "cell_id": cid, "config": cfg,
+                                          "metrics": {PPL: ppl}, "eval": ev}
+
+
+def windows(level: float, seed: int, n: int = 8, spread: float = 0.3) -> list[float]:
+    """Per-window NLL: the text's windows differ a lot (shared by every cell), the model shifts them."""
+    text = np.random.default_rng(123).normal(0, spread, n)  # the same windows for every cell
+    noise = np.random.default_rng(seed).normal(0, 0.01, n)
+    return [round(float(x), 4) for x in level + text + noise]
+
+
+def pair(t: analysis.Table, better: str, worse: str) -> dict:
+    o = t.ordering[(t.ordering["column"] == "Wiki2 ppl") & (t.ordering["better"] == better)
+                   & (t.ordering["worse"] == worse)]
+    assert len(o) == 1
+    return o.iloc[0].to_dict()
+
+
+def test_orderings_hold_flip_or_stay_unresolved_by_their_interval():
+    # the paper at 3 bits: LR-QAT (5.98) < GPTQ (6.29) < RTN (7.61)
+    recs = [record("lrqat", s, windows(3.0, s)) for s in range(3)]
+    recs += [record("rtn", s, windows(3.5, 10 + s)) for s in range(3)]  # clearly worse than lrqat: holds
+    recs += [record("gptq", s, windows(3.0, 20 + s)) for s in range(3)]  # same as lrqat: unresolved
+    t = analysis.table(from_records(recs).df, "lrqat_t4")
+    assert pair(t, "lrqat", "rtn")["verdict"] == "holds" and pair(t, "lrqat", "rtn")["ci_low"] > 0
+    assert pair(t, "lrqat", "gptq")["verdict"] == "unresolved"
+    assert pair(t, "gptq", "rtn")["basis"] == "seeds×windows"
+    flipped = [record("lrqat", s, windows(3.5, s)) for s in range(3)] + [record("rtn", s, windows(3.0, 10 + s))
+                                                                         for s in range(3)]
+    f = analysis.table(from_records(flipped).df, "lrqat_t4")
+    assert pair(f, "lrqat", "rtn")["verdict"] == "flips" and pair(f, "lrqat", "rtn")["ci_high"] < 0
+    assert f.direction()[ROW].startswith("0 hold, 1 flip, 0 unresolved of 1; flips: lrqat vs rtn (Wiki2 ppl)")
+    # the table shows mean ± CI, and the mean is over the seeds
+    row = t.values[(t.values["column"] == "Wiki2 ppl") & (t.values["method"] == "rtn")].iloc[0]
+    assert row["n_seeds"] == 3 and row["ours"] == pytest.approx(np.mean([r[1]["metrics"][PPL] for r in recs[3:6]]))
+    assert row["ours_low"] < row["ours"] < row["ours_high"]
+    assert f"{row['ours']:.2f} ± {(row['ours_high'] - row['ours_low']) / 2:.2f} [" in t.markdown()
+    assert "Seeds per value: n = 3. Intervals over: seeds×windows" in t.markdown()
+
+
+def test_one_seed_without_per_window_data_is_unresolved_never_holds():
+    recs = [record("lrqat", 0, None, value=10.0), record("rtn", 0, None, value=1e5)]  # a huge gap, old records
+    t = analysis.table(from_records(recs).df, "lrqat_t4")
+    o = pair(t, "lrqat", "rtn")
+    assert o["verdict"] == "unresolved" and o["agrees"]
+    assert o["basis"] == "none: 1 seed and no per-window data" and math.isnan(o["ci_low"])
+    assert "10.00 [" in t.markdown() and "10.00 ±" not in t.markdown()  # an old record still prints, no ±
+    # with per-window data one seed can resolve it (over the windows only), and says so
+    one = analysis.table(from_records([record("lrqat", 0, windows(3.0, 0)), record("rtn", 0, windows(3.5, 1))]).df,
+                         "lrqat_t4")
+    assert pair(one, "lrqat", "rtn")["verdict"] == "holds" and pair(one, "lrqat", "rtn")["basis"] == "windows (1 seed)"
+    # several seeds without windows: Student's t over the seeds
+    few = [record("lrqat", s, None, value=v) for s, v in enumerate([10.0, 30.0])]
+    few += [record("rtn", s, None, value=v) for s, v in enumerate([12.0, 31.0])]
+    o = pair(analysis.table(from_records(few).df, "lrqat_t4"), "lrqat", "rtn")
+    assert o["basis"].startswith("seeds (t") and o["verdict"] == "unresolved"  # 2 and 1 better: t(1) is wide
+
+
+def test_the_window_bootstrap_is_paired():
+    """A small, consistent gain on every window resolves although the windows differ far more than that:
+    both cells are resampled on the same windows. Resampled independently, it would not resolve."""
+    a = U.Cells(PPL, [0], [0.0], [[np.asarray(windows(3.0, 0, n=16, spread=1.0))]])
+    b = U.Cells(PPL, [0], [0.0], [[a.units[0][0] + 0.02]])
+    a.values, b.values = [float(U.statistic(PPL, a.units[0]))], [float(U.statistic(PPL, b.units[0]))]
+    c = U.compare(a, b, sign=-1)
+    assert c["verdict"] == "holds" and c["ci_low"] > 0
+    lo, hi = U.interval(U.bootstrap([b], seed=1)[0] - U.bootstrap([a], seed=2)[0])  # independent draws
+    assert lo < 0 < hi  # the windows' spread swamps the gain
+
+
+def test_seed_summary_mean_std_n_and_interval():
+    recs = [record("lrqat", s, windows(3.0 + 0.05 * s, s)) for s in range(3)]
+    recs += [record("lrqat", 0, windows(3.2, 0), lr=1e-3)]  # another setting: its own row, not averaged in
+    s = analysis.seed_summary(from_records(recs).df, PPL)
+    assert list(s["train.lr"]) == [1e-4, 1e-3] or list(s["train.lr"]) == [1e-3, 1e-4]
+    row = s[s["train.lr"] == 1e-4].iloc[0]
+    values = [r[1]["metrics"][PPL] for r in recs[:3]]
+    assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
+    assert row["mean"] == pytest.approx(np.mean(values)) and row["std"] == pytest.approx(np.std(values, ddof=1))
+    assert row["ci_low"] < row["mean"] < row["ci_high"] and row["basis"] == "seeds×windows"
+    with pytest.raises(KeyError, match="available: ppl/wikitext_sample/final"):
+        analysis.seed_summary(from_records(recs).df, "ppl/nope/final")
+
+
+def test_cells_that_differ_in_more_than_seed_are_named_not_averaged(tmp_path, capsys):
+    recs = [record("lrqat", 0, windows(3.0, 0)), record("lrqat", 1, windows(3.0, 1), lr=1e-3),
+            record("rtn", 0, windows(3.5, 2))]
+    with pytest.raises(analysis.MixedSettings, match=r"method=lrqat.*train\.lr: 0\.0001, 0\.001"):
+        analysis.table(from_records(recs).df, "lrqat_t4")
+    for path, rec in recs:  # the CLI says so and stops
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(__import__("json").dumps(rec))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--table", "lrqat_t4", "--no-plots"])
+    assert "differ in more than seed (train.lr: 0.0001, 0.001)" in capsys.readouterr().err
+
+
+def test_record_units_rebuild_the_recorded_metrics():
+    rec = {"eval": {"xsum": {"window_nll": {"base": [3.0, 3.5], "final": [2.0, 2.2, 2.4]}},
+                    "lm_eval": {"final": {"items": {"a": {"acc": "0110", "acc_norm": "1111"}, "b": {"acc": "10"}},
+                                          "suites": {"s": {"tasks": ["a", "b", "b"], "acc": ["acc"] * 3,
+                                                           "acc_norm": ["acc_norm", "acc", "acc"]}}}}}}
+    u = U.record_units(rec)
+    assert U.statistic("ppl/xsum/final", u["ppl/xsum/final"]) == pytest.approx(math.exp(2.2))
+    assert U.statistic("acc/a/final", u["acc/a/final"]) == 0.5
+    assert U.statistic("acc/s/final", u["acc/s/final"]) == pytest.approx((0.5 + 0.5 + 0.5) / 3)
+    assert U.statistic("acc_norm/s/final", u["acc_norm/s/final"]) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert U.record_units({"eval": {"xsum": {"seqlen": 512, "windows": 8}}}) == {}  # before issue 21: none
+
+
+def test_plots_log_axes_seed_error_bars_grid_bits_and_budget():
+    from qexp.analysis.plots import grid_bits
+
+    assert grid_bits(3, 64) == 3 + (16 + 3) / 64 and grid_bits(3, 64, float_zero=True) == 3 + 32 / 64
+    assert grid_bits(2, -1) == 2
+    recs = []
+    for steps in (30, 100):
+        for s in range(2):
+            path, r = record("lrqat", s, windows(3.0 - 0.1 * (steps == 100), s))
+            r["config"]["train"]["steps"] = steps
+            r["cell_id"] += f"-{steps}"
+            r["train"] = {"losses": list(np.linspace(5, 3, steps))}
+            recs.append((path + str(steps), r))
+    recs.append(record("rtn", 0, windows(9.0, 5)))  # ppl ~ 8e3: the axis must be logarithmic
+    df = from_records(recs).df
+    fig = analysis.plot_vs_steps(df)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    bars = [c for c in ax.containers if hasattr(c, "has_yerr") and c.has_yerr]
+    assert len(bars) == 1  # lrqat: the mean of 2 seeds at 30 and 100 steps, with its interval; rtn: a line
+    lines = bars[0].lines[0].get_ydata()
+    want = [np.mean([r["metrics"][PPL] for _, r in recs[i:i + 2]]) for i in (0, 2)]
+    assert list(lines) == pytest.approx(want)
+    assert analysis.plot_vs_bits(df).axes[0].get_yscale() == "log"
+    assert "bits per quantized weight" in analysis.plot_pareto(df).axes[0].get_xlabel()
+    losses = analysis.plot_losses(df).axes[0]
+    assert any("100 steps, n=2" in t.get_text() for t in losses.get_legend().get_texts())

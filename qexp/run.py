@@ -133,8 +133,12 @@ def summary(rec: dict) -> str:
     for task in c["eval"].get("tasks", []):
         stages = [s for s in STAGES if f"exact_match/{task}/{s}" in rec["metrics"]]
         if stages:
+            lm = {s: rec["eval"].get("lm_eval", {}).get(s, {}) for s in stages}
+            se = {s: lm[s].get("results", {}).get(task, {}).get("exact_match_stderr") for s in stages}
+            n, limit = lm[stages[-1]].get("tasks", {}).get(task, {}).get("items"), lm[stages[-1]].get("limit")
             lines.append(f"  exact_match {task}: " + "  ".join(f"{s} {rec['metrics'][f'exact_match/{task}/{s}']:.4f}"
-                                                              for s in stages))
+                                                              + (f"±{se[s]:.4f}" if se[s] else "") for s in stages)
+                         + (f"  ({n} items{f' (eval.limit={limit})' if limit else ''})" if n else ""))
     for suite in c["eval"].get("suites", {}):
         for metric in ("acc", "acc_norm"):
             stages = [s for s in STAGES if f"{metric}/{suite}/{s}" in rec["metrics"]]

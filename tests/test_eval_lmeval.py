@@ -72,6 +72,27 @@ def test_run_cell_records_accuracy_at_base_and_final(cfg_factory):
     se = math.sqrt(sum(rec["eval"]["lm_eval"]["final"]["results"][t]["acc_stderr"] ** 2
                        for t in ("qexp_piqa", "qexp_arc_standin"))) / 2  # the standard error of a 2-task mean
     assert f"final {m['acc/pair/final']:.4f}±{se:.4f}  (4 items per task (eval.limit=4))" in summary(rec)
+    assert rec["eval"]["lm_eval"]["final"]["suites"]["pair"]["stderr"]["acc"] == pytest.approx(se)  # in the record
+
+
+def test_dequantized_once_gives_the_same_numbers_and_lets_go():
+    from torch import nn
+
+    from qexp.quant import QuantLinear, QuantSpec, rtn
+    from qexp.quant.linear import dequantized_once
+
+    torch.manual_seed(0)
+    net = nn.Sequential(QuantLinear(rtn(torch.randn(32, 64), QuantSpec(3, 16)), torch.randn(32)), nn.ReLU(),
+                        QuantLinear(rtn(torch.randn(8, 32), QuantSpec(2, 16))))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = net(x)
+        with dequantized_once(net, torch.float32):
+            assert all(m._dequantized is not None for m in net if isinstance(m, QuantLinear))
+            net[0].codes.zero_()  # the pass reads the weights dequantized on entry, not the codes again
+            got = net(x)
+        assert torch.equal(got, want)
+        assert net[0]._dequantized is None and not torch.equal(net(x), want)  # on exit: the codes again
 
 
 def test_item_scores_are_compact_and_in_doc_order():

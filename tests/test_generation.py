@@ -164,7 +164,9 @@ def test_task_finetune_then_exact_match_end_to_end(task, cfg_factory, tok):
     for stage in ("base", "final"):
         assert 0.0 <= rec["metrics"][f"exact_match/qexp_{task}/{stage}"] <= 1.0
         assert rec["eval"]["lm_eval"][stage]["tasks"][f"qexp_{task}"]["items"] == 4
-    assert f"exact_match qexp_{task}: base" in summary(rec)
+    assert f"exact_match qexp_{task}: base" in summary(rec) and "(4 items)" in summary(rec)
+    items = rec["eval"]["lm_eval"]["final"]["items"][f"qexp_{task}"]["exact_match"]  # per item, in the record
+    assert len(items) == 4 and items.count("1") / 4 == pytest.approx(rec["metrics"][f"exact_match/qexp_{task}/final"])
     samples = [json.loads(line) for line in (Path(rec["dir"]) / "samples_final" / f"qexp_{task}.jsonl").open()]
     score = getattr(g, f"score_{task}")
     for s in samples:

@@ -12,6 +12,12 @@ a progress bar; ``eval.max_new_tokens`` overrides the task's ``max_gen_toks``; a
 a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a task's test data with a
 local JSONL file (same fields as the hub rows), for machines without hub access.
 
+Integer layers are dequantized once per task for the pass (:func:`qexp.quant.linear.dequantized_once`:
+the same numbers; generation, one token per forward, runs ~1.7× faster on CPU; multiple-choice
+scoring is matmul-bound and gains little). Each suite average's standard error is recorded
+(``suites.<suite>.stderr``) beside lm-eval's per-task ones (``results.<task>.<metric>_stderr``) and
+the item limit (``limit``).
+
 Per-item scores (for the analysis' bootstrap over items) are kept in the record, compactly:
 ``details["items"][<task>] = {"acc": "0110…", "acc_norm": "…"}``, one character per item in doc_id
 order (``doc_ids`` only where they are not 0..n-1), a few KB per task (:func:`item_scores`).
@@ -45,6 +51,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..quant.linear import dequantized_once
 from ..tasks import FILES, TASKS_DIR, data_dir, yaml_path
 
 log = logging.getLogger("qexp")
@@ -238,7 +245,7 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit, "items": {}}
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
-        with _quiet(), _keep_rng(), torch.no_grad():
+        with _quiet(), _keep_rng(), torch.no_grad(), dequantized_once(model):  # integer layers: once per task
             out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir, ecfg)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
                                   apply_chat_template=needs_chat_template(name),
@@ -264,4 +271,7 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     metrics = {f"{m}/{task}": r[m] for task, r in results.items() for m in METRICS if m in r}
     suite_metrics, details["suites"] = suite_scores(results, dict(ecfg.suites))
     details["results"] = results
+    for suite, info in details["suites"].items():  # each average's standard error, in the record too
+        if "tasks" in info:
+            info["stderr"] = {m: suite_note(details, suite, m)[0] for m in ("acc", "acc_norm")}
     return metrics | suite_metrics, details

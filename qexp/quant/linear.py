@@ -1,6 +1,9 @@
-"""The deployed layer: integer codes + scale + zero, dequantized on the fly."""
+"""The deployed layer: integer codes + scale + zero, dequantized on the fly (or once for a whole
+evaluation pass: :func:`dequantized_once`)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return act_linear(x, self.weight_fp(), self.bias)
+        w = getattr(self, "_dequantized", None)  # set by dequantized_once (an evaluation pass)
+        return act_linear(x, self.weight_fp() if w is None else w, self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -55,3 +59,22 @@ def fp_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
             lin.bias.copy_(bias)
     lin.requires_grad_(False)
     return lin
+
+
+@contextmanager
+def dequantized_once(model: nn.Module, dtype: torch.dtype | None = None):
+    """Within the block every :class:`QuantLinear` of ``model`` uses its weight dequantized once,
+    in ``dtype`` (default: the model's; ``act_linear`` casts to the activations' dtype anyway), instead
+    of on every forward: the same numbers bit for bit, for the memory of one float copy of the
+    weights. For evaluation passes of thousands of forwards (lm-eval); freed on exit."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dtype = dtype or getattr(model, "dtype", None)
+    try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.weight_fp()
+                m._dequantized = w if dtype is None else w.to(dtype)
+        yield model
+    finally:
+        for m in layers:
+            m._dequantized = None

@@ -161,3 +161,23 @@ def test_plots_log_axes_seed_error_bars_grid_bits_and_budget():
     assert "bits per quantized weight" in analysis.plot_pareto(df).axes[0].get_xlabel()
     losses = analysis.plot_losses(df).axes[0]
     assert any("100 steps, n=2" in t.get_text() for t in losses.get_legend().get_texts())
+
+
+def test_pairwise_over_two_sweeps_from_the_cli(tmp_path, capsys):
+    """Seeds kept in two sweeps (two directories) are one setting; every pair of methods gets its verdict."""
+    import json
+
+    for sweep, seeds in (("a", (0, 1)), ("b", (2,))):
+        for s in seeds:
+            for method, level in (("lrqat", 3.0), ("rtn", 3.5)):
+                _, rec = record(method, s, windows(level, s + (10 if method == "rtn" else 0)), sweep=sweep)
+                (tmp_path / sweep / rec["cell_id"]).mkdir(parents=True)
+                (tmp_path / sweep / rec["cell_id"] / "result.json").write_text(json.dumps(rec))
+    df = analysis.load([tmp_path / "a", tmp_path / "b"]).df
+    pw = analysis.pairwise(df, PPL)
+    assert len(pw) == 1 and pw.iloc[0]["better"] == "lrqat" and pw.iloc[0]["verdict"] == "holds"
+    assert pw.iloc[0]["n_better"] == 3 and pw.iloc[0]["basis"] == "seeds×windows"
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--seeds", "ppl/wikitext_sample", "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| smollm2_135m | 3 | 64 | embedded | lrqat | rtn |" in out and "| 3, 3 | holds | seeds×windows |" in out

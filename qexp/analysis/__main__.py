@@ -16,14 +16,16 @@ matplotlib.use("Agg")
 
 from . import flat, list_tables, load, log_table, save_plots, table, wide
 from .compare import compare, compare_markdown
+from .metrics import parse
 from .tables import registry, runnable
-from .uncertainty import MixedSettings
+from .uncertainty import MixedSettings, seeds_markdown
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qexp.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", help="results dir, W&B export (.csv/.json/.jsonl) or wandb:<entity>/<project>")
+    p.add_argument("source", nargs="*",
+                   help="results dir(s), W&B export (.csv/.json/.jsonl) or wandb:<entity>/<project>")
     p.add_argument("--table", action="append", default=[], help="paper table to fill (repeatable; 'all')")
     p.add_argument("--list", action="store_true", help="list the paper tables and exit")
     p.add_argument("--runnable", metavar="PAPER", help="share of PAPER's rows (e.g. QWHA) whose method qexp runs")
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append", default=[], metavar="METRIC",
                    help="method x bits grid of METRIC (e.g. ppl/wikitext_sample), base -> final (repeatable)")
     p.add_argument("--baseline", help="with --compare: say whether each method's final value beats this method's")
+    p.add_argument("--seeds", action="append", default=[], metavar="METRIC",
+                   help="per setting: mean, std, n and 95 %% interval over seeds, and every pair of methods with "
+                        "its difference, interval and verdict (e.g. ppl/wikitext_sample; repeatable)")
     p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
     p.add_argument("--out", help="output directory (default: <source>/analysis)")
     p.add_argument("--no-plots", action="store_true")
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in registry()["tables"]:
             p.error(f"--table {n!r} is not defined; choose one of: {', '.join(registry()['tables'])}, all")
-    res = load(a.source)
+    res = load(a.source[0] if len(a.source) == 1 else a.source)
     print(res)
     for status, rows in res.failed.groupby("status", sort=True):
         resume = status == "preempted"
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(res.warnings):
         print("warnings (kept in; the final model is degenerate):")
         print(res.warnings[["method", "bits", "warning", "path"]].to_string(index=False))
-    src = Path(a.source)
+    src = Path(a.source[0])
     out = Path(a.out) if a.out else (src if src.is_dir() else Path(".")) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     flat(res.df).to_csv(out / "records.csv", index=False)
@@ -80,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         md = compare_markdown(grid, metric)
         print("\n" + md)
         (out / f"compare_{metric.replace('/', '_')}.md").write_text(md)
+    for metric in a.seeds:
+        try:
+            md = seeds_markdown(res.df, metric if parse(metric).stage else f"{metric}/{a.stage}")
+        except KeyError as e:
+            p.error(str(e.args[0]))
+        print("\n" + md)
+        (out / f"seeds_{metric.replace('/', '_')}.md").write_text(md)
     for n in names:
         try:
             t = table(res.df, n, a.paper_model, a.stage)

@@ -203,8 +203,13 @@ def from_wandb_api(project: str) -> list[tuple[str, dict]]:
     return [(f"wandb:{project}/{r.id}", wandb_record(dict(r.config), dict(r.summary), r.state, r.id)) for r in runs]
 
 
-def load(source: str | Path) -> Results:
-    """Every record under ``source`` (see the module docstring for the accepted sources)."""
+def load(source: str | Path | list) -> Results:
+    """Every record under ``source`` (see the module docstring for the accepted sources); a list of
+    directories: every record under each (e.g. two sweeps that hold different seeds)."""
+    if isinstance(source, list | tuple):
+        if not all(Path(d).is_dir() for d in source):
+            raise FileNotFoundError(f"several results sources must all be directories: {list(map(str, source))}")
+        return from_records([(str(f), read_json(f)) for d in source for f in sorted(Path(d).rglob("result.json"))])
     s = str(source)
     if s.startswith("wandb:"):
         return from_records(from_wandb_api(s.removeprefix("wandb:")))

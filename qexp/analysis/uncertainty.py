@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -292,11 +293,9 @@ def trains(method: str) -> bool:
     return True if cls is None else bool(cls.TRAINS)
 
 
-def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
-    """One row per setting (model, method, bits, group_size, dataset and every config value that
-    varies between cells of one method, e.g. ``train.steps``), over the cells that differ only in ``seed``:
-    ``mean``, ``std``, ``n``, the 95 % interval of the mean (``ci_low``, ``ci_high``), its ``basis``
-    and the ``seeds``. ``metric``: a full name with its stage (``ppl/wikitext_sample/final``)."""
+def settings(df: pd.DataFrame, metric: str) -> tuple[list[str], list[tuple[dict, Cells]]]:
+    """The setting keys (model, method, bits, group_size, dataset and every config value that varies
+    between cells of one method, e.g. ``train.steps``) and, per setting, its cells over seeds."""
     rows = df[df["metric"] == metric]
     if rows.empty:
         have = sorted(set(df["metric"]))
@@ -310,7 +309,62 @@ def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
     out = []
     for key, g in cells.groupby(keys, dropna=False, sort=True):
         g = g.drop_duplicates("seed")
-        c = Cells(metric, [int(x) for x in g["seed"]], list(g["value"]),
-                  [units.get(i, {}).get(metric) for i in g["cell_id"]])
-        out.append({**dict(zip(keys, key, strict=True)), **summary(c, draws), "seeds": c.seeds})
+        out.append((dict(zip(keys, key, strict=True)),
+                    Cells(metric, [int(x) for x in g["seed"]], list(g["value"]),
+                          [units.get(i, {}).get(metric) for i in g["cell_id"]])))
+    return keys, out
+
+
+def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
+    """One row per setting (:func:`settings`), over the cells that differ only in ``seed``: ``mean``,
+    ``std``, ``n``, the 95 % interval of the mean (``ci_low``, ``ci_high``), its ``basis`` and the
+    ``seeds``. ``metric``: a full name with its stage (``ppl/wikitext_sample/final``)."""
+    _, found = settings(df, metric)
+    return pd.DataFrame([{**key, **summary(c, draws), "seeds": c.seeds} for key, c in found])
+
+
+def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
+    """Every pair of methods at each setting (same keys but the method; e.g. each ``train.steps``):
+    the better one by its mean (``better``, by the metric's direction), the difference, its 95 %
+    interval and verdict (``holds``: the interval excludes 0; ``unresolved`` otherwise)."""
+    keys, found = settings(df, metric)
+    sign = M.direction(metric) or 1
+    rest = [k for k in keys if k != "method"]
+    groups: dict[tuple, list[tuple[str, Cells]]] = {}
+    for key, c in found:
+        groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key["method"], c))
+    out = []
+    for at, members in groups.items():
+        for (ma, a), (mb, b) in combinations(members, 2):
+            (mw, w), (ml, lose) = ((ma, a), (mb, b)) if sign * (a.mean() - b.mean()) >= 0 else ((mb, b), (ma, a))
+            c = compare(w, lose, sign, draws)
+            out.append({**dict(zip(rest, at, strict=True)), "better": mw, "worse": ml, "better_mean": w.mean(),
+                        "worse_mean": lose.mean(), **c})
     return pd.DataFrame(out)
+
+
+def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
+    """:func:`seed_summary` and :func:`pairwise` as Markdown (the CLI's ``--seeds METRIC``)."""
+    keys, _ = settings(df, metric)
+    s, pw = seed_summary(df, metric, draws), pairwise(df, metric, draws)
+    k = M.scale(metric)
+    f = "{:.4g}".format
+    lines = [f"{metric}: mean ± half-width of the 95 % interval over seeds (and eval windows / items where the records "
+             f"keep them)", "", "| " + " | ".join([*keys, "mean ± CI", "std", "n", "basis"]) + " |",
+             "|" + "---|" * (len(keys) + 4)]
+    for r in s.itertuples(index=False):
+        d = r._asdict()
+        lines.append("| " + " | ".join([*(str(d[c]) for c in keys), pm(d["mean"] * k, d["ci_low"] * k,
+                                                                      d["ci_high"] * k, f),
+                                        f(d["std"] * k) if d["std"] == d["std"] else "–", str(d["n"]), d["basis"]])
+                     + " |")
+    rest = [c for c in keys if c != "method"]
+    lines += ["", "Every pair at each setting: the better by its mean, the difference [95 % interval], verdict", "",
+              "| " + " | ".join([*rest, "better", "worse", "difference [95 % CI]", "n", "verdict", "basis"]) + " |",
+              "|" + "---|" * (len(rest) + 6)]
+    for r in pw.itertuples(index=False):
+        d = r._asdict()
+        ci = "" if d["ci_low"] != d["ci_low"] else f" [{f(d['ci_low'] * k)}, {f(d['ci_high'] * k)}]"
+        lines.append("| " + " | ".join([*(str(d[c]) for c in rest), d["better"], d["worse"], f"{f(d['diff'] * k)}{ci}",
+                                        f"{d['n_better']}, {d['n_worse']}", d["verdict"], d["basis"]]) + " |")
+    return "\n".join(lines) + "\n"

@@ -13,8 +13,8 @@ a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a t
 local JSONL file (same fields as the hub rows), for machines without hub access.
 
 Integer layers are dequantized once per task for the pass (:func:`qexp.quant.linear.dequantized_once`:
-the same numbers; generation, one token per forward, runs ~1.7× faster on CPU; multiple-choice
-scoring is matmul-bound and gains little). Each suite average's standard error is recorded
+the same numbers; it saves most for generation, one token per forward, and little for
+multiple-choice scoring, where the matmuls dominate). Each suite average's standard error is recorded
 (``suites.<suite>.stderr``) beside lm-eval's per-task ones (``results.<task>.<metric>_stderr``) and
 the item limit (``limit``).
 

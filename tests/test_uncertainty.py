@@ -181,3 +181,19 @@ def test_pairwise_over_two_sweeps_from_the_cli(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| smollm2_135m | 3 | 64 | embedded | lrqat | rtn |" in out and "| 3, 3 | holds | seeds×windows |" in out
+
+
+def test_stability_finds_where_the_ordering_moves():
+    recs = []
+    for steps, levels in ((30, {"lrqat": 3.0, "peqa": 3.2}), (100, {"lrqat": 2.9, "peqa": 2.5}),
+                          (300, {"lrqat": 2.8, "peqa": 2.4})):
+        for method, level in levels.items():
+            _, r = record(method, 0, windows(level, steps))
+            r["config"]["train"]["steps"] = steps
+            r["cell_id"] += f"-{steps}"
+            recs.append((f"{r['cell_id']}/result.json", r))
+    recs.append(record("rtn", 0, windows(9.0, 5)))  # no training: in every budget
+    s = analysis.stability(from_records(recs).df, PPL).set_index("train.steps")
+    assert s.at[30, "ranking"] == "lrqat > peqa > rtn" and s.at[100, "ranking"] == "peqa > lrqat > rtn"
+    assert s.at[100, "moved"] == "peqa overtakes lrqat" and s.at[300, "moved_since_previous"] == 0
+    assert s.at[300, "resolved"] == 3  # one seed, but per-window data: resolved over the windows

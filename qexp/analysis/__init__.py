@@ -25,12 +25,12 @@ from .load import Results, load, wide
 from .metrics import direction, parse
 from .plots import plot_cost, plot_losses, plot_pareto, plot_vs_bits, plot_vs_steps, save_plots
 from .tables import Table, list_tables, paper_values, table
-from .uncertainty import Cells, MixedSettings, pairwise, seed_summary
+from .uncertainty import Cells, MixedSettings, pairwise, seed_summary, stability
 
 __all__ = ["Cells", "MixedSettings", "Results", "Table", "compare", "compare_markdown", "direction",
            "flat", "list_tables", "load", "log_table", "pairwise", "paper_values", "parse",
            "plot_cost", "plot_losses", "plot_pareto", "plot_vs_bits", "plot_vs_steps", "save_plots", "seed_summary",
-           "table", "wide"]
+           "stability", "table", "wide"]
 
 
 def flat(df: pd.DataFrame) -> pd.DataFrame:

@@ -352,8 +352,7 @@ def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
     lines = [f"{metric}: mean ± half-width of the 95 % interval over seeds (and eval windows / items where the records "
              f"keep them)", "", "| " + " | ".join([*keys, "mean ± CI", "std", "n", "basis"]) + " |",
              "|" + "---|" * (len(keys) + 4)]
-    for r in s.itertuples(index=False):
-        d = r._asdict()
+    for _, d in s.iterrows():  # (config keys have dots: no itertuples)
         lines.append("| " + " | ".join([*(str(d[c]) for c in keys), pm(d["mean"] * k, d["ci_low"] * k,
                                                                       d["ci_high"] * k, f),
                                         f(d["std"] * k) if d["std"] == d["std"] else "–", str(d["n"]), d["basis"]])
@@ -362,9 +361,40 @@ def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
     lines += ["", "Every pair at each setting: the better by its mean, the difference [95 % interval], verdict", "",
               "| " + " | ".join([*rest, "better", "worse", "difference [95 % CI]", "n", "verdict", "basis"]) + " |",
               "|" + "---|" * (len(rest) + 6)]
-    for r in pw.itertuples(index=False):
-        d = r._asdict()
+    for _, d in pw.iterrows():
         ci = "" if d["ci_low"] != d["ci_low"] else f" [{f(d['ci_low'] * k)}, {f(d['ci_high'] * k)}]"
         lines.append("| " + " | ".join([*(str(d[c]) for c in rest), d["better"], d["worse"], f"{f(d['diff'] * k)}{ci}",
                                         f"{d['n_better']}, {d['n_worse']}", d["verdict"], d["basis"]]) + " |")
+    if "train.steps" in keys:  # a budget study: where the ordering stops moving
+        st = stability(df, metric, "train.steps", draws)
+        lines += ["", "Ranking per budget (by mean; methods without training at every budget), the pairs whose "
+                  "order moved since the previous budget, and the pairs resolved (interval excludes 0)", "",
+                  "| train.steps | ranking | moved since previous | resolved pairs |", "|---|---|---|---|"]
+        lines += [f"| {r['train.steps']} | {r['ranking']} | "
+                  f"{'–' if pd.isna(r['moved_since_previous']) else int(r['moved_since_previous'])}"
+                  f"{': ' + r['moved'] if r['moved'] else ''} | {r['resolved']}/{r['pairs']} |"
+                  for _, r in st.iterrows()]
     return "\n".join(lines) + "\n"
+
+
+def stability(df: pd.DataFrame, metric: str, axis: str = "train.steps", draws: int = B) -> pd.DataFrame:
+    """Where the methods' ordering stops moving along ``axis`` (the budget study: ``train.steps``):
+    per value, the ranking by mean (methods that do not train count at every value), the pairs whose
+    order differs from the previous value's (point estimates), and how many pairs are resolved there
+    (interval excludes 0). One row per value of ``axis``."""
+    keys, found = settings(df, metric)
+    if axis not in keys:
+        raise KeyError(f"{axis} does not vary in these records; varying: {', '.join(k for k in keys if '.' in k)}")
+    sign = M.direction(metric) or 1
+    values = sorted({key[axis] for key, c in found if trains(key["method"])})
+    out, previous = [], None
+    for v in values:
+        at = {key["method"]: c for key, c in found if key[axis] == v or not trains(key["method"])}
+        order = sorted(at, key=lambda m: -sign * at[m].mean())
+        pairs = list(combinations(order, 2))  # (better, worse) by mean
+        resolved = sum(compare(at[a], at[b], sign, draws)["verdict"] == "holds" for a, b in pairs)
+        moved = [] if previous is None else [f"{a} overtakes {b}" for a, b in pairs if (b, a) in previous]
+        out.append({axis: v, "ranking": " > ".join(order), "pairs": len(pairs), "resolved": resolved,
+                    "moved_since_previous": len(moved) if previous is not None else None, "moved": ", ".join(moved)})
+        previous = set(pairs)
+    return pd.DataFrame(out)

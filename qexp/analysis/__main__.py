@@ -1,7 +1,8 @@
-"""``python -m qexp.analysis results/<sweep> [--table lota_t1 ...] [--list] [--wandb]``.
+"""``python -m qexp.analysis results/<sweep> [results/<other sweep> ...] [--table lota_t1 ...] [--seeds METRIC]``.
 
-Prints the cells and the requested paper tables, and writes next to them (``--out``, default
-``<results>/analysis``): ``records.csv`` (tidy), ``cells.csv``, ``<table>.md/.tex/.csv`` and the plots (PNG).
+Prints the cells and the requested paper tables (``mean ± CI [paper]``; orderings hold / flip /
+unresolved), and writes next to them (``--out``, default ``<results>/analysis``): ``records.csv``
+(tidy), ``cells.csv``, ``<table>.md/.tex/.csv``, ``seeds_<metric>.md`` and the plots (PNG).
 """
 
 from __future__ import annotations

@@ -197,3 +197,15 @@ def test_stability_finds_where_the_ordering_moves():
     assert s.at[30, "ranking"] == "lrqat > peqa > rtn" and s.at[100, "ranking"] == "peqa > lrqat > rtn"
     assert s.at[100, "moved"] == "peqa overtakes lrqat" and s.at[300, "moved_since_previous"] == 0
     assert s.at[300, "resolved"] == 3  # one seed, but per-window data: resolved over the windows
+
+
+def test_min_seeds_keeps_one_seed_unresolved(tmp_path, capsys, monkeypatch):
+    a = U.Cells(PPL, [0], [20.0], [[np.asarray(windows(3.0, 0))]])
+    b = U.Cells(PPL, [0], [33.0], [[np.asarray(windows(3.5, 1))]])
+    assert U.compare(a, b, -1)["verdict"] == "holds"  # over the windows (the default: MIN_SEEDS = 1)
+    c = U.compare(a, b, -1, min_seeds=2)
+    assert c["verdict"] == "unresolved" and c["basis"] == "windows (1 seed); fewer than 2 seeds" and c["ci_low"] > 0
+    monkeypatch.setattr(U, "MIN_SEEDS", 1)  # the CLI sets it; restored after the test
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--min-seeds", "0"])
+    assert "--min-seeds=0: must be 1 or more" in capsys.readouterr().err

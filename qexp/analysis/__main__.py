@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from . import flat, list_tables, load, log_table, save_plots, table, wide
+from . import flat, list_tables, load, log_table, save_plots, table, uncertainty, wide
 from .compare import compare, compare_markdown
 from .metrics import parse
 from .tables import registry, runnable
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", action="append", default=[], metavar="METRIC",
                    help="per setting: mean, std, n and 95 %% interval over seeds, and every pair of methods with "
                         "its difference, interval and verdict (e.g. ppl/wikitext_sample; repeatable)")
+    p.add_argument("--min-seeds", type=int, default=1,
+                   help="seeds an ordering needs before it can hold or flip (default 1: one seed with per-window "
+                        "data is judged over the windows / items alone; 2: never on one seed)")
     p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
     p.add_argument("--out", help="output directory (default: <source>/analysis)")
     p.add_argument("--no-plots", action="store_true")
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in registry()["tables"]:
             p.error(f"--table {n!r} is not defined; choose one of: {', '.join(registry()['tables'])}, all")
+    if a.min_seeds < 1:
+        p.error(f"--min-seeds={a.min_seeds}: must be 1 or more")
+    uncertainty.MIN_SEEDS = a.min_seeds
     res = load(a.source[0] if len(a.source) == 1 else a.source)
     print(res)
     for status, rows in res.failed.groupby("status", sort=True):

@@ -35,6 +35,9 @@ import pandas as pd
 from . import metrics as M
 
 B = 2000  # bootstrap draws
+# Seeds an ordering needs before it can hold or flip. 1: one seed with per-window / per-item data is
+# judged over the eval units alone (its basis says so); 2 (the CLI's --min-seeds 2): seeds first.
+MIN_SEEDS = 1
 LEVEL = 0.95
 VERDICTS = ("holds", "flips", "unresolved")
 # Config values that do not change a cell's numbers (how fast or how verbose it ran).
@@ -244,8 +247,10 @@ def summary(g: Cells, draws: int = B) -> dict[str, Any]:
     return {"mean": g.mean(), "std": g.std(), "n": g.n, "ci_low": lo, "ci_high": hi, "basis": basis([g])}
 
 
-def compare(better: Cells, worse: Cells, sign: int, draws: int = B) -> dict[str, Any]:
-    """The difference ``sign · (better − worse)`` (positive: the expected order), its interval and verdict."""
+def compare(better: Cells, worse: Cells, sign: int, draws: int = B, min_seeds: int | None = None) -> dict[str, Any]:
+    """The difference ``sign · (better − worse)`` (positive: the expected order), its interval and verdict.
+    With fewer than ``min_seeds`` seeds on either side (default :data:`MIN_SEEDS`) the verdict is
+    ``unresolved`` whatever the interval (the interval is still reported)."""
     if better.has_units and worse.has_units:
         b = bootstrap([better, worse], draws)
         lo, hi = interval(sign * (b[0] - b[1]))
@@ -253,8 +258,12 @@ def compare(better: Cells, worse: Cells, sign: int, draws: int = B) -> dict[str,
         lo, hi = _t_interval([better, worse], sign)
     else:
         lo, hi = math.nan, math.nan
+    need = MIN_SEEDS if min_seeds is None else min_seeds
+    few = min(better.n, worse.n) < need
     return {"diff": sign * (better.mean() - worse.mean()), "ci_low": lo, "ci_high": hi,
-            "verdict": verdict(lo, hi), "basis": basis([better, worse]), "n_better": better.n, "n_worse": worse.n}
+            "verdict": "unresolved" if few else verdict(lo, hi),
+            "basis": basis([better, worse]) + (f"; fewer than {need} seeds" if few else ""),
+            "n_better": better.n, "n_worse": worse.n}
 
 
 def pm(mean: float, lo: float, hi: float, fmt: Any = "{:.2f}".format) -> str:

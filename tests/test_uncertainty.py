@@ -209,3 +209,18 @@ def test_min_seeds_keeps_one_seed_unresolved(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--min-seeds", "0"])
     assert "--min-seeds=0: must be 1 or more" in capsys.readouterr().err
+
+
+def test_paired_reads_the_records_items(tmp_path, capsys):
+    from qexp.analysis.paired import item_scores, paired
+
+    for method, em in (("gptq", "1000" * 25), ("lota", "1100" * 25)):
+        rec = {"config": {"method": {"name": method}, "bits": 4},
+               "eval": {"lm_eval": {"final": {"items": {"qexp_asdiv": {"exact_match": em}}}}}}
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "result.json").write_text(__import__("json").dumps(rec))
+    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4").set_index("cell")
+    assert t.at["lota-w4", "diff"] == pytest.approx(0.25)
+    assert (t.at["lota-w4", "a_only"], t.at["lota-w4", "b_only"]) == (25, 0)
+    with pytest.raises(FileNotFoundError, match="neither in the records"):
+        item_scores(tmp_path, "qexp_gsm8k")

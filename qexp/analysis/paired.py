@@ -2,9 +2,9 @@
 
 ``python -m qexp.analysis.paired results/<sweep> [--task qexp_asdiv] [--stage final] [--baseline gptq]``
 
-Generative cells run with ``eval.log_samples=true`` keep every item's score in
-``samples_<stage>/<task>.jsonl``. Two cells scored on the same items differ by the mean of the
-per-item differences d = correct_a - correct_b; its 95 % interval is mean(d) ± 1.96 sd(d) / √n (normal
+Every item's score comes from the record (``eval.lm_eval.<stage>.items.<task>``, records since
+issue 21) or from ``samples_<stage>/<task>.jsonl`` (cells run with ``eval.log_samples=true``). Two
+cells scored on the same items differ by the mean of the per-item differences d = correct_a - correct_b; its 95 % interval is mean(d) ± 1.96 sd(d) / √n (normal
 approximation of the paired difference), and ``a_only`` / ``b_only`` count the discordant items
 (McNemar's counts). A difference whose interval contains 0 is ``unresolved``.
 """
@@ -27,13 +27,21 @@ def item_scores(sweep: str | Path, task: str, stage: str = "final") -> pd.DataFr
         # a cell copied from another sweep (reused_from) keeps its samples there
         f = next((d / f"samples_{stage}" / f"{task}.jsonl" for d in (r.parent, Path(rec.get("reused_from") or r.parent))
                   if (d / f"samples_{stage}" / f"{task}.jsonl").exists()), None)
-        if f is None:
-            continue
         c = rec["config"]
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        cols[f"{c['method']['name']}-w{c['bits']}"] = pd.Series({r["doc_id"]: float(r["exact_match"]) for r in rows})
+        if f is not None:
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            scores = {r["doc_id"]: float(r["exact_match"]) for r in rows}
+        else:  # records since issue 21 keep every item's score themselves
+            items = (((rec.get("eval") or {}).get("lm_eval") or {}).get(stage) or {}).get("items", {}).get(task)
+            if not items or "exact_match" not in items:
+                continue
+            em = items["exact_match"]
+            values = [int(ch) for ch in em] if isinstance(em, str) else em
+            scores = dict(zip(items.get("doc_ids", range(len(values))), map(float, values), strict=True))
+        cols[f"{c['method']['name']}-w{c['bits']}"] = pd.Series(scores)
     if not cols:
-        raise FileNotFoundError(f"no samples_{stage}/{task}.jsonl under {sweep} (run with eval.log_samples=true)")
+        raise FileNotFoundError(f"no per-item exact match for {task} at stage {stage} under {sweep}: neither in the "
+                                f"records (eval.lm_eval.{stage}.items) nor in samples_{stage}/{task}.jsonl")
     return pd.DataFrame(cols).sort_index()
 
 

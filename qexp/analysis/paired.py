@@ -4,9 +4,10 @@
 
 Every item's score comes from the record (``eval.lm_eval.<stage>.items.<task>``, records since
 issue 21) or from ``samples_<stage>/<task>.jsonl`` (cells run with ``eval.log_samples=true``). Two
-cells scored on the same items differ by the mean of the per-item differences d = correct_a - correct_b; its 95 % interval is mean(d) ± 1.96 sd(d) / √n (normal
-approximation of the paired difference), and ``a_only`` / ``b_only`` count the discordant items
-(McNemar's counts). A difference whose interval contains 0 is ``unresolved``.
+cells scored on the same items differ by the mean of the per-item differences
+d = correct_a - correct_b; its 95 % interval is mean(d) ± 1.96 sd(d) / √n (normal approximation of
+the paired difference), and ``a_only`` / ``b_only`` count the discordant items (McNemar's counts).
+A difference whose interval contains 0 is ``unresolved``.
 """
 
 from __future__ import annotations

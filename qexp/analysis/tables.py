@@ -267,11 +267,12 @@ def ordering(values: pd.DataFrame, sp: dict, keys: list[str], draws: int = U.B) 
     return pd.DataFrame(out, columns=cols)
 
 
-def check_seeds(df: pd.DataFrame, keys: list[str], table: str) -> None:
-    """Cells averaged into one table cell must differ only in ``seed``: otherwise say which config
-    keys differ (and their values) instead of averaging them (:class:`.uncertainty.MixedSettings`)."""
+def check_seeds(df: pd.DataFrame, keys: list[str], table: str, methods: list[str]) -> None:
+    """Cells of ``methods`` averaged into one table cell must differ only in ``seed``: otherwise say
+    which config keys differ (and their values) instead of averaging them
+    (:class:`.uncertainty.MixedSettings`). 16-bit methods are exempt (their rows span bit widths)."""
     sixteen = registry()["sixteen_bit"]
-    cells = df[~df["method"].isin(sixteen)].drop_duplicates("cell_id")
+    cells = df[df["method"].isin(methods) & ~df["method"].isin(sixteen)].drop_duplicates("cell_id")
     by = ["model", "method", *(k for k in ("bits", "group_size") if k in keys)]
     cols = [c for c in cells.columns if "." in c or c in ("bits", "group_size", "dataset")]
     for key, g in cells.groupby(by, dropna=False):
@@ -313,7 +314,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     scope = df
     for k, v in where.items():
         scope = scope[(scope[k] == v) | scope["method"].isin(registry()["sixteen_bit"])]
-    check_seeds(scope, keys, name)  # never average cells that differ in more than seed
+    check_seeds(scope, keys, name, sp["methods"])  # never average cells that differ in more than seed
     for k, v in where.items():
         ours = ours[(ours[k] == v) | ours["method"].isin(registry()["sixteen_bit"])]
     base = ours[ours["method"].isin(real)]

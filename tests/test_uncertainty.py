@@ -64,17 +64,20 @@ def test_orderings_hold_flip_or_stay_unresolved_by_their_interval():
     assert "Seeds per value: n = 3. Intervals over: seeds×windows" in t.markdown()
 
 
-def test_one_seed_without_per_window_data_is_unresolved_never_holds():
+def test_one_seed_without_per_window_data_is_unresolved_never_holds(monkeypatch):
     recs = [record("lrqat", 0, None, value=10.0), record("rtn", 0, None, value=1e5)]  # a huge gap, old records
     t = analysis.table(from_records(recs).df, "lrqat_t4")
     o = pair(t, "lrqat", "rtn")
     assert o["verdict"] == "unresolved" and o["agrees"]
-    assert o["basis"] == "none: 1 seed and no per-window data" and math.isnan(o["ci_low"])
+    assert o["basis"] == "none: 1 seed and no per-window data; fewer than 2 seeds" and math.isnan(o["ci_low"])
     assert "10.00 [" in t.markdown() and "10.00 ±" not in t.markdown()  # an old record still prints, no ±
     # with per-window data one seed can resolve it (over the windows only), and says so
-    one = analysis.table(from_records([record("lrqat", 0, windows(3.0, 0)), record("rtn", 0, windows(3.5, 1))]).df,
-                         "lrqat_t4")
+    one = from_records([record("lrqat", 0, windows(3.0, 0)), record("rtn", 0, windows(3.5, 1))]).df
+    assert pair(analysis.table(one, "lrqat_t4"), "lrqat", "rtn")["verdict"] == "unresolved"  # default: 2 seeds
+    monkeypatch.setattr(U, "MIN_SEEDS", 1)
+    one = analysis.table(one, "lrqat_t4")
     assert pair(one, "lrqat", "rtn")["verdict"] == "holds" and pair(one, "lrqat", "rtn")["basis"] == "windows (1 seed)"
+    monkeypatch.setattr(U, "MIN_SEEDS", 2)
     # several seeds without windows: Student's t over the seeds
     few = [record("lrqat", s, None, value=v) for s, v in enumerate([10.0, 30.0])]
     few += [record("rtn", s, None, value=v) for s, v in enumerate([12.0, 31.0])]
@@ -82,9 +85,10 @@ def test_one_seed_without_per_window_data_is_unresolved_never_holds():
     assert o["basis"].startswith("seeds (t") and o["verdict"] == "unresolved"  # 2 and 1 better: t(1) is wide
 
 
-def test_the_window_bootstrap_is_paired():
+def test_the_window_bootstrap_is_paired(monkeypatch):
     """A small, consistent gain on every window resolves although the windows differ far more than that:
     both cells are resampled on the same windows. Resampled independently, it would not resolve."""
+    monkeypatch.setattr(U, "MIN_SEEDS", 1)  # one seed, judged over its windows (--min-seeds 1)
     a = U.Cells(PPL, [0], [0.0], [[np.asarray(windows(3.0, 0, n=16, spread=1.0))]])
     b = U.Cells(PPL, [0], [0.0], [[a.units[0][0] + 0.02]])
     a.values, b.values = [float(U.statistic(PPL, a.units[0]))], [float(U.statistic(PPL, b.units[0]))]
@@ -183,7 +187,8 @@ def test_pairwise_over_two_sweeps_from_the_cli(tmp_path, capsys):
     assert "| smollm2_135m | 3 | 64 | embedded | lrqat | rtn |" in out and "| 3, 3 | holds | seeds×windows |" in out
 
 
-def test_stability_finds_where_the_ordering_moves():
+def test_stability_finds_where_the_ordering_moves(monkeypatch):
+    monkeypatch.setattr(U, "MIN_SEEDS", 1)  # one seed per budget, judged over its windows (--min-seeds 1)
     recs = []
     for steps, levels in ((30, {"lrqat": 3.0, "peqa": 3.2}), (100, {"lrqat": 2.9, "peqa": 2.5}),
                           (300, {"lrqat": 2.8, "peqa": 2.4})):
@@ -202,10 +207,10 @@ def test_stability_finds_where_the_ordering_moves():
 def test_min_seeds_keeps_one_seed_unresolved(tmp_path, capsys, monkeypatch):
     a = U.Cells(PPL, [0], [20.0], [[np.asarray(windows(3.0, 0))]])
     b = U.Cells(PPL, [0], [33.0], [[np.asarray(windows(3.5, 1))]])
-    assert U.compare(a, b, -1)["verdict"] == "holds"  # over the windows (the default: MIN_SEEDS = 1)
-    c = U.compare(a, b, -1, min_seeds=2)
+    assert U.compare(a, b, -1, min_seeds=1)["verdict"] == "holds"  # over the windows alone
+    c = U.compare(a, b, -1)  # the default: 2 seeds
     assert c["verdict"] == "unresolved" and c["basis"] == "windows (1 seed); fewer than 2 seeds" and c["ci_low"] > 0
-    monkeypatch.setattr(U, "MIN_SEEDS", 1)  # the CLI sets it; restored after the test
+    monkeypatch.setattr(U, "MIN_SEEDS", 2)  # the CLI sets it; restored after the test
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--min-seeds", "0"])
     assert "--min-seeds=0: must be 1 or more" in capsys.readouterr().err

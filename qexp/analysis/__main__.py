@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", action="append", default=[], metavar="METRIC",
                    help="per setting: mean, std, n and 95 %% interval over seeds, and every pair of methods with "
                         "its difference, interval and verdict (e.g. ppl/wikitext_sample; repeatable)")
-    p.add_argument("--min-seeds", type=int, default=1,
-                   help="seeds an ordering needs before it can hold or flip (default 1: one seed with per-window "
-                        "data is judged over the windows / items alone; 2: never on one seed)")
+    p.add_argument("--min-seeds", type=int, default=2,
+                   help="seeds an ordering needs before it can hold or flip (default 2: never on one seed; 1: one "
+                        "seed with per-window data is judged over the windows / items alone)")
     p.add_argument("--stage", default="final", help="record stage for our numbers (default: final)")
     p.add_argument("--out", help="output directory (default: <source>/analysis)")
     p.add_argument("--no-plots", action="store_true")

@@ -35,9 +35,9 @@ import pandas as pd
 from . import metrics as M
 
 B = 2000  # bootstrap draws
-# Seeds an ordering needs before it can hold or flip. 1: one seed with per-window / per-item data is
-# judged over the eval units alone (its basis says so); 2 (the CLI's --min-seeds 2): seeds first.
-MIN_SEEDS = 1
+# Seeds an ordering needs before it can hold or flip (issue 21: fewer than 2 seeds never hold). With
+# --min-seeds 1, one seed with per-window / per-item data is judged over the eval units alone.
+MIN_SEEDS = 2
 LEVEL = 0.95
 VERDICTS = ("holds", "flips", "unresolved")
 # Config values that do not change a cell's numbers (how fast or how verbose it ran).

@@ -9,14 +9,14 @@ of the channel's mean activation magnitude, ``s = mean|X|^α`` normalised by ``�
 ``α`` from a grid of ``quant.awq_grid`` points in [0, 1) minimising the output error of the quantized
 linears, ``Σ ‖X Wᵀ − X (Q(W·s)/s)ᵀ‖²``. Then AWQ's clip search: per group (and output row), the
 largest magnitude ``m`` kept, ``W ← clamp(W, −m, m)``, with ``m`` from ``quant.awq_grid`` shrinks down to
-half of the max, minimising the same error group by group (q and k are not clipped, as in the
-released code). The scaled model is the fp model the method gets; the clipped weights are what the
+half of the max, minimising the same error group by group on 512 of the tokens (q and k are not
+clipped, as in the released code). The scaled model is the fp model the method gets; the clipped weights are what the
 rounding sees (as MagR's).
 
 Deviations from the released code: the scale search measures the error at the shared linears'
 outputs, not at the attention / MLP block output; o_proj is scaled only when v_proj feeds it one
 to one (no grouped-query attention), as the released code does. The searches run on
-``quant.awq_tokens`` calibration tokens sampled from each input.
+``quant.awq_tokens`` calibration tokens sampled from each input (the clip search on 512 of them).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_att
           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
           ("mlp.up_proj", ("mlp.down_proj",)))
 NO_CLIP = ("q_proj", "k_proj")  # the released code does not clip these (their outputs meet in the softmax)
+CLIP_TOKENS = 512  # the released clip search measures the error on 512 of the calibration tokens
 
 
 def _qdq(w: Tensor, spec: QuantSpec) -> Tensor:
@@ -144,6 +145,7 @@ def awq_weights(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear]
                 for m in lins:
                     m.weight.mul_(s.to(m.weight.dtype))
                 x = x / s
+            x = x[torch.randperm(len(x), generator=gen)[:CLIP_TOKENS].to(x.device)]
             for c, m in zip(consumers, lins, strict=True):
                 if prefix + c in targets:
                     w = m.weight.detach()

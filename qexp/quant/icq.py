@@ -15,7 +15,6 @@ it), so IR-QLoRA's setting is the symmetric (absmax) grid, as NF4 is: ``irqlora`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .grid import QuantSpec, QuantWeight, grouped
@@ -26,18 +25,24 @@ TAU_N = 50  # 2n+1 candidates
 SIGMA = float(1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.9677083)))
 
 
+def _entropy(g: Tensor, spec: QuantSpec) -> Tensor:
+    """Entropy in bits of each row of grouped codes ``g [..., n_groups, g]`` (float integers)."""
+    levels = spec.qmax - spec.qmin + 1
+    rows = g.shape[:-1].numel()
+    idx = (g - spec.qmin).long().reshape(rows, -1) + levels * torch.arange(rows, device=g.device).unsqueeze(1)
+    p = torch.bincount(idx.reshape(-1), minlength=rows * levels).reshape(*g.shape[:-1], levels) / g.shape[-1]
+    return -(p * torch.log2(p.clamp(min=1e-30))).sum(-1)
+
+
 def code_entropy(codes: Tensor, spec: QuantSpec) -> Tensor:
     """Entropy in bits of the codes of each group ``[d_out, n_groups]`` (``codes [d_out, d_in]``)."""
-    g = grouped(codes, spec.group_size)
-    counts = F.one_hot((g - spec.qmin).long(), spec.qmax - spec.qmin + 1).sum(-2).float()
-    p = counts / g.shape[-1]
-    return -(p * torch.log2(p.clamp(min=1e-30))).sum(-1)
+    return _entropy(grouped(codes.float(), spec.group_size), spec)
 
 
 def _codes(v: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Min-max grid of grouped ``v [d_out, G, g]`` and its codes."""
     scale, zero = _range_to_grid(v.amin(-1).clamp(max=0), v.amax(-1).clamp(min=0), spec)
-    codes = (torch.round(v / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(spec.qmin, spec.qmax)
+    codes = torch.round(v / scale.unsqueeze(-1)).add_(zero.unsqueeze(-1)).clamp_(spec.qmin, spec.qmax)
     return codes, scale, zero
 
 
@@ -48,15 +53,11 @@ def icq(w: Tensor, spec: QuantSpec, tau_range: float = TAU_RANGE, n: int = TAU_N
     wg = grouped(w.detach().float(), spec.group_size)
     tau0 = wg.median(-1).values
     m = (wg - tau0.unsqueeze(-1)).abs().amax(-1)
-    best_h = torch.full_like(tau0, -1.0)
-    best = [torch.empty_like(wg), torch.empty_like(tau0), torch.empty_like(tau0), torch.empty_like(tau0)]
+    best_h, best_tau = torch.full_like(tau0, -1.0), tau0.clone()
     for f in torch.linspace(-tau_range * SIGMA, tau_range * SIGMA, 2 * n + 1).tolist():
         tau = tau0 + f * m
-        codes, scale, zero = _codes(wg - tau.unsqueeze(-1), spec)
-        h = code_entropy(codes.reshape(w.shape), spec)
+        h = _entropy(_codes(wg - tau.unsqueeze(-1), spec)[0], spec)
         better = h > best_h
-        best_h = torch.where(better, h, best_h)
-        for k, new in enumerate((codes, scale, zero, tau)):
-            best[k] = torch.where(better.unsqueeze(-1) if k == 0 else better, new, best[k])
-    codes, scale, zero, tau = best
-    return QuantWeight(codes.reshape(w.shape), scale, zero - tau / scale, spec)
+        best_h, best_tau = torch.where(better, h, best_h), torch.where(better, tau, best_tau)
+    codes, scale, zero = _codes(wg - best_tau.unsqueeze(-1), spec)
+    return QuantWeight(codes.reshape(w.shape), scale, zero - best_tau / scale, spec)

@@ -3,7 +3,7 @@ group a shift ``τ`` chosen to maximise the entropy of the integer codes; a rang
 base (``quant.range=icq``, ``quant.init=rtn``).
 
 Per group ``w``: ``τ₀ = median(w)``, ``m = max|w − τ₀|``, candidates ``τ = τ₀ + f·m`` with ``f`` on
-``2n+1`` points of ``[−λσ, λσ]`` (the released NF4 code's λ = 0.1, n = 50 and ``σ = 1/Φ⁻¹(0.9677)``, the
+``2n+1`` points of ``[−λσ, λσ]`` (the released script's λ = 0.1, n = 100 and ``σ = 1/Φ⁻¹(0.9677)``, the
 NormalFloat spacing). Each candidate quantizes ``w − τ`` on the configured grid (min-max range of
 ``w − τ``); the one whose codes have the largest entropy ``H = −Σ p_k log₂ p_k`` wins (ties: the
 first). The group then deploys as ``w ≈ s·(c − z) + τ = s·(c − z')`` with the float zero point
@@ -21,7 +21,7 @@ from .grid import QuantSpec, QuantWeight, grouped
 from .rtn import _range_to_grid
 
 TAU_RANGE = 0.1  # λ
-TAU_N = 50  # 2n+1 candidates
+TAU_N = 100  # 2n+1 candidates (the released fine-tuning script: tau_n 100)
 SIGMA = float(1 / torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.9677083)))
 
 

@@ -13,7 +13,8 @@ fp targets). After ``epochs`` passes over the calibration sequences the quantize
 The model's own weights are never changed; only the results are kept.
 
 Memory: both trajectories (``samples × seqlen × hidden`` each) wait on the CPU; one block trains at
-a time on the compute device.
+a time on the compute device. At Block-AP's paper scale (4096 × 2048 tokens of a 4096-wide model in
+bf16) that is 64 GiB of host memory per trajectory: the released code keeps them on disk instead.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _train_block(block: nn.Module, prefix: str, linears: dict[str, nn.Linear],
                  make: Callable[[str, nn.Linear], BlockQuantizer], x_q: list[Tensor], x_fp: list[Tensor],
                  ctx: list, epochs: int, device: torch.device, gen: torch.Generator, stats: dict) -> dict:
     """Swap each linear of the block for its trainable quantizer, train, swap back; the results."""
+    block.requires_grad_(False)  # only the quantizers train
     quantizers = {n: make(n, lin).to(device) for n, lin in linears.items()}
     for n, q in quantizers.items():
         set_module(block, n[len(prefix):], _Fake(q, linears[n].bias))

@@ -240,10 +240,10 @@ def validate(cfg: DictConfig) -> None:
                           "checkpoint needs model.source=hub model.path=<dir or hub id>")
     method_config(cfg)  # unknown or mistyped method keys
     check_calibration(cfg)
-    need = getattr(registry()[cfg.method.name], "BASE_INIT", None)  # e.g. efficientqat: Block-AP
-    if need and cfg.quant.init != need:
-        raise ConfigError(f"method={cfg.method.name} needs quant.init={need} (its own base), not quant.init="
-                          f"{cfg.quant.init}")
+    for key, need in getattr(registry()[cfg.method.name], "BASE", {}).items():  # e.g. efficientqat: Block-AP
+        if cfg.quant.get(key) != need:
+            raise ConfigError(f"method={cfg.method.name} needs quant.{key}={str(need).lower()} (its own base), not "
+                              f"quant.{key}={str(cfg.quant.get(key)).lower()}")
     if cfg.quant.range == "icq" and cfg.quant.init != "rtn":
         raise ConfigError(f"quant.range=icq is a range of the RTN base, not of quant.init={cfg.quant.init}; "
                           "use quant.init=rtn (or another quant.range: minmax, lp)")

@@ -127,8 +127,10 @@ def test_cells(cfg_factory, method, extra):
 
 
 def test_bad_input_is_refused_before_work(cfg_factory):
-    with pytest.raises(ConfigError, match="method=efficientqat needs quant.init=blockap"):
+    with pytest.raises(ConfigError, match="method=efficientqat needs quant.init=blockap .*not quant.init=rtn"):
         validate(cfg_factory("method=efficientqat", "quant.init=rtn"))
+    with pytest.raises(ConfigError, match="method=awq needs quant.awq=true"):
+        validate(cfg_factory("method=awq", "quant.awq=false"))
     for over in (["method=omniquant"], ["method=awq"], ["method=peqa", "quant.init=omniquant"]):
         cfg = cfg_factory(*over)
         OmegaConf.set_struct(cfg, False)

@@ -26,4 +26,4 @@ class EfficientQAT(PEQA):
 
     name = "efficientqat"
     Config = MethodConfig
-    BASE_INIT: ClassVar[str] = "blockap"  # the quant.init it needs (qexp.config.validate refuses others)
+    BASE: ClassVar[dict] = {"init": "blockap"}  # the base it needs (qexp.config.validate refuses others)

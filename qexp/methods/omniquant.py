@@ -8,6 +8,8 @@ Both are stages of the base (``quant.init=omniquant``, ``quant.awq=true``; :mod:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from . import register
 from .rtn import PTQ
 
@@ -17,7 +19,7 @@ class OmniQuant(PTQ):
     """OmniQuant's learnable weight clipping, trained block by block (``quant.init=omniquant``)."""
 
     name = "omniquant"
-    BASE_INIT = "omniquant"
+    BASE: ClassVar[dict] = {"init": "omniquant"}  # refused on any other base (qexp.config.validate)
 
 
 @register
@@ -25,3 +27,4 @@ class AWQ(PTQ):
     """AWQ's activation-aware channel scaling and clip search, then RTN (``quant.awq=true``)."""
 
     name = "awq"
+    BASE: ClassVar[dict] = {"awq": True}

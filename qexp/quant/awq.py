@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .gptq import OFFLOAD, _block_list, _first_block_inputs, _hidden, _to
 from .grid import QuantSpec, grouped
@@ -114,7 +115,7 @@ def awq_weights(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear]
     gen = torch.Generator().manual_seed(seed)
     pre: dict[str, Tensor] = {}
     alphas: dict[str, list[float]] = {}
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(tqdm(blocks, desc=f"AWQ ({len(calib_ids)} calibration sequences)", leave=False)):
         prefix = f"{list_name}.{i}."
         mods = dict(block.named_modules())
         groups = [(p, cs) for p, cs in GROUPS if any(prefix + c in targets for c in cs)]

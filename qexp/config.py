@@ -239,16 +239,7 @@ def validate(cfg: DictConfig) -> None:
                           f"(model.source={cfg.model.source}: {SOURCES[cfg.model.source]}); a local or hub "
                           "checkpoint needs model.source=hub model.path=<dir or hub id>")
     method_config(cfg)  # unknown or mistyped method keys
-    check_calibration(cfg)
-    for key, need in getattr(registry()[cfg.method.name], "BASE", {}).items():  # e.g. efficientqat: Block-AP
-        if cfg.quant.get(key) != need:
-            raise ConfigError(f"method={cfg.method.name} needs quant.{key}={str(need).lower()} (its own base), not "
-                              f"quant.{key}={str(cfg.quant.get(key)).lower()}")
-    if cfg.quant.range == "icq" and cfg.quant.init != "rtn":
-        raise ConfigError(f"quant.range=icq is a range of the RTN base, not of quant.init={cfg.quant.init}; "
-                          "use quant.init=rtn (or another quant.range: minmax, lp)")
-    if cfg.quant.get("awq") and cfg.quant.get("magr"):
-        raise ConfigError("quant.awq=true and quant.magr=true are both preprocessing stages of the base; choose one")
+    check_base(cfg)
     if cfg.get("export") is not None:
         from .export import check  # late: export imports methods
 
@@ -259,6 +250,23 @@ def calibrated_stages(quant: Any) -> list[str]:
     """The base-quantization stages ``quant`` turns on that need calibration activations."""
     stages = [f"quant.init={quant.init}"] if quant.init in ("gptq", "omniquant", "blockap") else []
     return stages + [f"quant.{k}=true" for k in ("magr", "awq") if quant.get(k, False)]
+
+
+def check_base(cfg: DictConfig) -> None:
+    """The base stages combine (a method's own base, ICQ only with RTN, one preprocessing stage) and have
+    their calibration data."""
+    from .methods import registry
+
+    for key, need in getattr(registry()[cfg.method.name], "BASE", {}).items():  # e.g. efficientqat: Block-AP
+        if cfg.quant.get(key) != need:
+            raise ConfigError(f"method={cfg.method.name} needs quant.{key}={str(need).lower()} (its own base), not "
+                              f"quant.{key}={str(cfg.quant.get(key)).lower()}")
+    if cfg.quant.range == "icq" and cfg.quant.init != "rtn":
+        raise ConfigError(f"quant.range=icq is a range of the RTN base, not of quant.init={cfg.quant.init}; "
+                          "use quant.init=rtn (or another quant.range: minmax, lp)")
+    if cfg.quant.get("awq") and cfg.quant.get("magr"):
+        raise ConfigError("quant.awq=true and quant.magr=true are both preprocessing stages of the base; choose one")
+    check_calibration(cfg)
 
 
 def check_calibration(cfg: DictConfig) -> None:

@@ -76,6 +76,10 @@ def test_awq_keeps_the_fp_model_and_lowers_the_block_output_error():
     with torch.no_grad():  # scales folded into the norms / previous linears: the same fp function
         assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-4, rtol=1e-4)
     assert max(report["awq_alpha"].values()) > 0  # some input was scaled
+    for n, m in tg.items():  # the rounding sees the model's own (scaled, folded) weight, at most clipped
+        w = m.weight.detach()
+        assert ((pre[n] - w).abs() <= (w.abs() - pre[n].abs()).clamp(min=0) + 1e-6).all(), n
+        assert torch.equal(pre[n], w) if n.endswith(("q_proj", "k_proj")) else not torch.equal(pre[n], w)
     awq = {n: rtn(pre[n], spec) for n in tg}
     assert sum(block_errors(model, dict(tg), ids, awq)) < e_rtn
 

@@ -135,7 +135,8 @@ def awq_weights(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear]
         finally:
             for h in hooks:
                 h.remove()
-        for prev, consumers in groups:
+        xs: dict[str, Tensor] = {}
+        for prev, consumers in groups:  # all of the block's scales first, folded (as the released code) ...
             lins = [mods[c] for c in consumers]
             x = _sample(seen[consumers[0]], tokens, gen).to(device)
             # v_proj -> o_proj under grouped-query attention: no one-to-one fold, so no scaling (clip only)
@@ -146,12 +147,13 @@ def awq_weights(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear]
                 for m in lins:
                     m.weight.mul_(s.to(m.weight.dtype))
                 x = x / s
-            x = x[torch.randperm(len(x), generator=gen)[:CLIP_TOKENS].to(x.device)]
-            for c, m in zip(consumers, lins, strict=True):
+            xs[consumers[0]] = x[torch.randperm(len(x), generator=gen)[:CLIP_TOKENS].to(x.device)]
+        for _, consumers in groups:  # ... then the clip of every target on its final (scaled, folded) weight
+            for c in consumers:
                 if prefix + c in targets:
-                    w = m.weight.detach()
+                    w = mods[c].weight.detach()
                     if c.rsplit(".", 1)[-1] not in NO_CLIP:
-                        lim = _expand(search_clip(x, w, spec, grid), spec, w).to(w.dtype)
+                        lim = _expand(search_clip(xs[consumers[0]], w, spec, grid), spec, w).to(w.dtype)
                         w = torch.maximum(torch.minimum(w, lim), -lim)
                     pre[prefix + c] = w.clone()
     return pre, {"awq_alpha": {k: sum(v) / len(v) for k, v in alphas.items()}}  # mean α per input

@@ -47,7 +47,10 @@ def merge(model: nn.Module, probe: Tensor) -> dict:
     as bf16): ``lossless`` claims equality in that dtype, nothing finer or coarser."""
     before = model(input_ids=probe).logits
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MethodLayer)]
+    counts: dict[str, int] = {}  # a layer may count what its merge changed (LoTA: codes raised / lowered)
     for name, layer in layers:
+        for k, v in (layer.merge_counts() if hasattr(layer, "merge_counts") else {}).items():
+            counts[k] = counts.get(k, 0) + v
         set_module(model, name, layer.merge())
     after = model(input_ids=probe).logits
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -64,4 +67,5 @@ def merge(model: nn.Module, probe: Tensor) -> dict:
         "quant_layers": len(quant),
         "float_zero_points": any(not m.qweight.integer_zero for m in quant),
         "deployed": "integer" if on_grid else (" / ".join(labels) or ("integer (re-quantized)" if quant else "float")),
+        **counts,
     }

@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 BITS = (2, 3, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 STAGES = ("fp", "base", "unmerged", "final")  # evaluation stages, in pipeline order
+INITS = ("rtn", "gptq", "omniquant", "blockap")  # quant.init: how the integer base is made
+RANGE_METHODS = ("minmax", "lp", "icq")  # quant.range (icq: IR-QLoRA's entropy-maximising shift)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,10 +69,22 @@ class DataConfig:
 
 
 @dataclass
+class ReconConfig:
+    """Block-wise reconstruction of the base (``quant.init=omniquant|blockap``): per decoder block, the
+    quantizer's parameters train to match the fp block's output (qexp/quant/blockwise.py)."""
+
+    epochs: int = 2  # passes over the samples per block (OmniQuant's paper: 20; Block-AP's: 2)
+    samples: int = 16  # calibration sequences used (<= quant.calib_samples; 0 = all of them)
+    batch: int = 2  # sequences per step (OmniQuant: 1; Block-AP: 2)
+    lr: float | None = None  # quantizer lr; None: the stage's own (OmniQuant LWC 1e-2, Block-AP s/z 1e-4)
+    weight_lr: float = 1e-5  # Block-AP: lr of the weights (EfficientQAT's w4 scripts: 1e-5)
+
+
+@dataclass
 class QuantConfig:
     """How the frozen base is quantized before a method attaches (RTN by default)."""
 
-    init: str = "rtn"  # rtn | gptq
+    init: str = "rtn"  # rtn | gptq | omniquant (LWC + block reconstruction) | blockap (EfficientQAT's Block-AP)
     sym: bool = False
     range: str = "minmax"  # minmax | lp (range search minimising sum |W - Q(W)|^p)
     p: float = 4.0
@@ -83,6 +97,10 @@ class QuantConfig:
     magr: bool = False  # MagR preprocessing before RTN/GPTQ (qexp/quant/magr.py; QWHA's base: gptq + magr)
     magr_alpha: float = 1e-4  # MagR's ℓ∞ weight (paper: 1e-4 per group, 1e-3 per channel)
     magr_iters: int = 200
+    awq: bool = False  # AWQ's activation-aware channel scaling (+ its clip search) before the rounding (quant/awq.py)
+    awq_grid: int = 20  # AWQ's grid over the scale exponent (and over the clip shrink)
+    awq_tokens: int = 4096  # calibration tokens per input the AWQ searches measure the output error on
+    recon: ReconConfig = field(default_factory=ReconConfig)  # omniquant / blockap
 
 
 @dataclass
@@ -198,8 +216,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.source", cfg.model.source, ("embedded", "hub", "random"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("method.name", cfg.method.get("name"), sorted(registry()))
-    _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
-    _choice("quant.range", cfg.quant.range, ("minmax", "lp"))
+    _choice("quant.init", cfg.quant.init, INITS)
+    _choice("quant.range", cfg.quant.range, RANGE_METHODS)
     _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
     from .data.formats import FORMATS  # late: data imports config
 
@@ -221,10 +239,50 @@ def validate(cfg: DictConfig) -> None:
                           f"(model.source={cfg.model.source}: {SOURCES[cfg.model.source]}); a local or hub "
                           "checkpoint needs model.source=hub model.path=<dir or hub id>")
     method_config(cfg)  # unknown or mistyped method keys
+    check_base(cfg)
     if cfg.get("export") is not None:
         from .export import check  # late: export imports methods
 
         check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding)
+
+
+def calibrated_stages(quant: Any) -> list[str]:
+    """The base-quantization stages ``quant`` turns on that need calibration activations."""
+    stages = [f"quant.init={quant.init}"] if quant.init in ("gptq", "omniquant", "blockap") else []
+    return stages + [f"quant.{k}=true" for k in ("magr", "awq") if quant.get(k, False)]
+
+
+def check_base(cfg: DictConfig) -> None:
+    """The base stages combine (a method's own base, ICQ only with RTN, one preprocessing stage) and have
+    their calibration data."""
+    from .methods import registry
+
+    for key, need in getattr(registry()[cfg.method.name], "BASE", {}).items():  # e.g. efficientqat: Block-AP
+        if cfg.quant.get(key) != need:
+            raise ConfigError(f"method={cfg.method.name} needs quant.{key}={str(need).lower()} (its own base), not "
+                              f"quant.{key}={str(cfg.quant.get(key)).lower()}")
+    if cfg.quant.range == "icq" and cfg.quant.init != "rtn":
+        raise ConfigError(f"quant.range=icq is a range of the RTN base, not of quant.init={cfg.quant.init}; "
+                          "use quant.init=rtn (or another quant.range: minmax, lp)")
+    if cfg.quant.get("awq") and cfg.quant.get("magr"):
+        raise ConfigError("quant.awq=true and quant.magr=true are both preprocessing stages of the base; choose one")
+    check_calibration(cfg)
+
+
+def check_calibration(cfg: DictConfig) -> None:
+    """A base made from calibration data (GPTQ, OmniQuant, Block-AP, AWQ, MagR) needs a calibration
+    source: ``data.calib``, or else ``data.train``. Refused here, before any model is loaded."""
+    from .methods import registry
+
+    stages = calibrated_stages(cfg.quant)
+    if not stages or not registry()[cfg.method.name].NEEDS_BASE:
+        return
+    key, src = ("data.calib", cfg.data.calib) if cfg.data.get("calib") else ("data.train", cfg.data.train)
+    if src is None or OmegaConf.is_missing(src, "name") or not src.get("name"):
+        raise ConfigError(f"{' '.join(stages)} needs calibration data, but {key}.name is not set: set data.calib "
+                          "(e.g. data.calib.name=wikitext data.calib.kind=hub) or data.train.name "
+                          f"(quant.calib_samples={cfg.quant.calib_samples} sequences of quant.calib_seqlen="
+                          f"{cfg.quant.calib_seqlen} tokens are drawn from it)")
 
 
 SOURCES = {"embedded": "the GGUF shipped in model.package", "random": "random weights built from model.random",
@@ -240,6 +298,9 @@ RANGES: dict[str, tuple[float, str]] = {
     "eval.batch_size": (1, "windows per batch"), "eval.merge_check_tokens": (1, "tokens"),
     "quant.calib_samples": (1, "sequences"), "quant.calib_seqlen": (2, "tokens per sequence"),
     "quant.damp": (0, "fraction of mean diag(H)"), "quant.grid": (1, "range candidates"), "quant.p": (1e-12, "norm p"),
+    "quant.awq_grid": (1, "grid points"), "quant.awq_tokens": (1, "tokens"), "quant.recon.epochs": (1, "epochs"),
+    "quant.recon.samples": (0, "sequences, 0 = all"), "quant.recon.batch": (1, "sequences per step"),
+    "quant.recon.lr": (1e-12, "learning rate, or null"), "quant.recon.weight_lr": (0, "learning rate"),
 }
 MAXIMA = {"train.warmup_ratio": 1}
 

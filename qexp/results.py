@@ -88,7 +88,9 @@ def unused(cfg: DictConfig) -> tuple[str, ...]:
     cls = registry().get(cfg.method.get("name"))
     if cls is None:
         return ()
-    calibrates = cls.NEEDS_CALIB or (cls.NEEDS_BASE and cfg.quant.init == "gptq")
+    from .config import calibrated_stages
+
+    calibrates = cls.NEEDS_CALIB or (cls.NEEDS_BASE and bool(calibrated_stages(cfg.quant)))
     return ((() if cls.TRAINS else ("train",)) + (() if calibrates else GPTQ_ONLY))
 
 

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="results dir(s), W&B export (.csv/.json/.jsonl) or wandb:<entity>/<project>")
     p.add_argument("--table", action="append", default=[], help="paper table to fill (repeatable; 'all')")
     p.add_argument("--list", action="store_true", help="list the paper tables and exit")
-    p.add_argument("--runnable", metavar="PAPER", help="share of PAPER's rows (e.g. QWHA) whose method qexp runs")
+    p.add_argument("--runnable", metavar="PAPER",
+                   help="share of PAPER's rows (e.g. QWHA; all: the whole CSV) whose method qexp runs")
     p.add_argument("--paper-model", help="the paper's model to compare with (default: the table's reference)")
     p.add_argument("--compare", action="append", default=[], metavar="METRIC",
                    help="method x bits grid of METRIC (e.g. ppl/wikitext_sample), base -> final (repeatable)")

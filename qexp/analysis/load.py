@@ -1,7 +1,8 @@
 """Records → one tidy DataFrame: one row per cell × metric, config flattened into columns.
 
 Sources: a directory (every ``result.json`` below it), a W&B runs export (``.csv`` from the runs
-table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), or
+table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), a
+``qexp.plan`` JSON (its predicted memory per cell: :func:`from_plan`), or
 ``wandb:<entity>/<project>`` (the W&B API; needs a login). Records that are not ``ok`` (failed,
 preempted, running, corrupt) go to :attr:`Results.failed` and never into the metrics; preempted
 ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
@@ -203,6 +204,25 @@ def from_wandb_api(project: str) -> list[tuple[str, dict]]:
     return [(f"wandb:{project}/{r.id}", wandb_record(dict(r.config), dict(r.summary), r.state, r.id)) for r in runs]
 
 
+def from_plan(plan: dict, path: str) -> list[tuple[str, dict]]:
+    """A ``qexp.plan`` JSON: each planned cell as a record whose metrics are the predicted memory
+    (``mem/plan_train_gib``: a training step's peak; ``mem/plan_peak_gib``: the cell's peak), its
+    config the cell's overrides (``+experiment=<x>`` names the sweep)."""
+    import yaml
+
+    out = []
+    for c in plan["cells"]:
+        over = dict(o.split("=", 1) for o in c.get("overrides", []) if "=" in o)
+        config = unflatten({k: yaml.safe_load(v) for k, v in over.items() if not k.startswith(("+", "method"))})
+        config.update(model={"name": c["model"]}, method={"name": c["method"]}, bits=c["bits"],
+                      group_size=c["group_size"], name=over.get("+experiment"))
+        train = (c.get("stages_mb") or {}).get("train")
+        memory = {"plan_peak_gib": c["peak_mb"] / 1024, **({"plan_train_gib": train / 1024} if train else {})}
+        out.append((f"{path}#{c['cell']}", {"status": "ok", "name": config["name"], "cell_id": f"plan:{c['cell']}",
+                                            "config": config, "memory": memory}))
+    return out
+
+
 def load(source: str | Path | list) -> Results:
     """Every record under ``source`` (see the module docstring for the accepted sources); a list of
     directories: every record under each (e.g. two sweeps that hold different seeds)."""
@@ -221,6 +241,8 @@ def load(source: str | Path | list) -> Results:
     if p.suffix in (".json", ".jsonl") and p.exists():
         text = p.read_text()
         runs = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if isinstance(runs, dict) and "cells" in runs and "command" in runs:  # a qexp.plan prediction
+            return from_records(from_plan(runs, str(p)))
         runs = runs if isinstance(runs, list) else [runs]
         return from_records([(f"{p}#{i}", r if "status" in r else
                               wandb_record(r.get("config", {}), r.get("summary", {}), r.get("state"), r.get("name")))

@@ -20,7 +20,8 @@ DIRECTIONS: dict[str, int] = {
 # Exact names whose direction differs from their kind's (None: no "better", e.g. a count).
 OVERRIDES: dict[str, int | None] = {
     "merge/lossless": +1, "merge/on_grid": +1, "merge/merged_layers": None, "merge/quant_layers": None,
-    "train/steps": None, "train/resumed_from": None,
+    "train/steps": None, "train/resumed_from": None, "merge/codes_total": None, "merge/codes_increased": None,
+    "merge/codes_decreased": None, "merge/codes_unchanged": None,
 }
 # Display: accuracies are fractions in records and percentages in the papers.
 SCALE: dict[str, float] = {"acc": 100.0, "acc_norm": 100.0, "exact_match": 100.0}

@@ -39,7 +39,9 @@ def paper_values() -> pd.DataFrame:
         df = pd.read_csv(f, dtype=str, keep_default_na=False)
     df["bits_n"] = pd.to_numeric(df["bits"].str.extract(r"^(\d+)")[0], errors="coerce")
     df["group_n"] = df["group_size"].map(_group)
-    df["value_f"] = pd.to_numeric(df["value"], errors="coerce")
+    # the leading number: "5.77 ± 0.02" → 5.77, "13.7*" → 13.7, "1.9x" → 1.9; "X", "OOM" → NaN
+    df["value_f"] = pd.to_numeric(df["value"].str.extract(r"^\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")[0],
+                                  errors="coerce")
     return df
 
 
@@ -112,7 +114,9 @@ class Table:
         """Strings ``ours ± half-width of its 95 % interval [paper]`` per (column, paper label); row keys
         as columns."""
         f = self.frame()
-        labels = dict(zip(self.values["method"], self.values["label"], strict=False))
+        plain = self.values[[not any(m in c.get("labels", {}) for c in self.spec["columns"] if c["label"] == col)
+                             for col, m in zip(self.values["column"], self.values["method"], strict=True)]]
+        labels = dict(zip(plain["method"], plain["label"], strict=False))
         shared = {lab for lab in labels.values() if lab and list(labels.values()).count(lab) > 1}
         labels = {m: f"{lab} ({m})" if lab in shared else lab for m, lab in labels.items()}  # gptq, gptq_magr
         proxy = self.values.set_index([*self.keys, "column"])["proxy"]
@@ -125,7 +129,8 @@ class Table:
             lo, hi = ci.loc[(*key, col, m)] if (*key, col, m) in ci.index else (np.nan, np.nan)
             return f"{mark}{U.pm(o, lo, hi, fmt)} [{fmt(p)}]"
 
-        out = pd.DataFrame({f"{c['label']}: {labels.get(m) or m + ' (not in paper)'}":
+        own = {(c["label"], m): lab for c in self.spec["columns"] for m, lab in c.get("labels", {}).items()}
+        out = pd.DataFrame({f"{c['label']}: {own.get((c['label'], m)) or labels.get(m) or m + ' (not in paper)'}":
                             [cell(k if isinstance(k, tuple) else (k,), c["label"], m, o, p)
                              for k, o, p in zip(f.index, f[(c["label"], m, "ours")], f[(c["label"], m, "paper")],
                                                 strict=True)]
@@ -189,7 +194,8 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str,
 def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict) -> tuple[float, float]:
     """The paper's value for this row, method and column, and the paper's group size it came from."""
     prefixes = tuple(col["paper"])
-    c = [r for r in csv if r.model == pm and r.method == label and r.dataset_or_task.startswith(prefixes)]
+    c = [r for r in csv if r.model == pm and r.method == label and r.dataset_or_task.startswith(prefixes)
+         and r.metric == col.get("metric", r.metric)]  # a column may also name the CSV's metric
     if "bits" in row:
         at = [r for r in c if r.bits_n == row["bits"]]
         if not at and sp.get("paper_bits"):  # a table the paper gives at one bit width only (QWHA Tables 2, 5, 13)
@@ -209,16 +215,19 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
     return (c[0].value_f, c[0].group_n) if c else (np.nan, np.nan)
 
 
-def runnable(paper: str) -> tuple[int, int, list[str]]:
-    """How many of ``paper``'s rows in the CSV name a method qexp can run (a registered method, a
-    variant of one, or the unquantized model), the row count, and the method labels it cannot run."""
+def runnable(paper: str | None = None, pending: dict[str, list[str]] | None = None) -> tuple[int, int, list[str]]:
+    """How many of ``paper``'s rows in the CSV (every row: ``None`` or ``"all"``) name a method qexp can
+    run (a registered method, a variant of one, or the unquantized model), the row count, and the
+    method labels it cannot run. ``pending``: method name -> CSV labels counted as runnable too (methods
+    another branch registers)."""
     from ..methods import registry as methods
 
     reg, names = registry(), set(methods())
     ok = {"fp16", *names} | {v for v, s in reg.get("variants", {}).items() if s["method"] in names}
     labels = {a for m, aliases in reg["methods"].items() if m in ok for a in aliases or []}
+    labels |= {a for aliases in (pending or {}).values() for a in aliases}
     rows = paper_values()
-    rows = rows[rows["paper"] == paper]
+    rows = rows if paper in (None, "all") else rows[rows["paper"] == paper]
     hit = rows["method"].isin(labels)
     return int(hit.sum()), len(rows), sorted(set(rows.loc[~hit, "method"]))
 
@@ -301,7 +310,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     if ref not in set(csv["model"]):
         raise KeyError(f"paper_model={ref!r} is not in {sp['paper']} {sp['table']}; choose one of: "
                        f"{', '.join(sorted(set(csv['model'])))}")
-    csv = csv[["model", "method", "dataset_or_task", "bits_n", "group_n", "value_f"]]
+    csv = csv[["model", "method", "dataset_or_task", "metric", "bits_n", "group_n", "value_f"]]
     own = [n for n in sp.get("sweeps", []) if n in set(df["sweep"])]
     if own:  # the table's own experiments only: other sweeps (lr studies, ...) never mix into its means
         df = df[df["sweep"].isin(own)]
@@ -346,7 +355,7 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
                 o, metric, n, cells = found[m]
                 ci = U.summary(cells, draws) if cells else {"ci_low": np.nan, "ci_high": np.nan, "n": 0, "basis": ""}
                 k = M.scale(metric) if metric else 1.0
-                label = labels[m]
+                label = col.get("labels", {}).get(m, labels[m])  # a column may name another paper row
                 p, pg = _paper(recs_csv, pm, label, row, col, sp)
                 if metric:
                     used.add(metric)

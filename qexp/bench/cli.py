@@ -175,7 +175,8 @@ def run_scale(scale: str, methods: list[str], args, dev: torch.device, tmp: Path
         names = ["fp", *methods]
     else:
         overrides += ["quant.init=rtn"]  # the layer scale's base quantizer (GPTQ needs a model's activations)
-        names = ["fp", *[m for m in methods if m != "gptq"]]
+        # no model activations here: GPTQ and the methods that need a calibrated base (omniquant, awq, ...) are left out
+        names = ["fp", *[m for m in methods if m != "gptq" and not getattr(registry()[m], "BASE", None)]]
     args.job_overrides = overrides
     job = {"scale": scale, "overrides": overrides, "tmp": str(tmp), "mem_steps": args.mem_steps,
            "shapes": [list(s) for s in args.shapes], "tokens": args.tokens, "calib_tokens": args.calib_tokens,

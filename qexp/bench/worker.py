@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from .. import adapt, data, models
-from ..config import check_group_size, method_config, register, validate
+from ..config import calibrated_stages, check_group_size, method_config, register, validate
 from ..methods import Method, MethodLayer
 from ..methods import get as get_method
 from ..quant import QuantSpec
@@ -125,7 +125,7 @@ def model_job(job: dict) -> list[dict]:
     method = build_method(cfg)
     targets = models.targets(model, list(cfg.model.targets))
     check_group_size(cfg.group_size, {n: m.in_features for n, m in targets.items()})
-    needs_calib = method.NEEDS_CALIB or (method.NEEDS_BASE and cfg.quant.init == "gptq")
+    needs_calib = method.NEEDS_CALIB or (method.NEEDS_BASE and bool(calibrated_stages(cfg.quant)))
     calib = (data.calibration(cfg.data.calib or cfg.data.train, tok, cfg.quant.calib_samples, cfg.quant.calib_seqlen,
                               cfg.seed) if needs_calib else None)  # data preparation is not setup
     t0 = clock(dev)

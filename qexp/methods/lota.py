@@ -111,6 +111,14 @@ class LoTALinear(MethodLayer):
         codes, zero = self.operands()
         return QuantLinear(QuantWeight(codes, self.scale, zero, self.spec), self.bias)
 
+    @torch.no_grad()
+    def merge_counts(self) -> dict[str, int]:
+        """How many codes the adapter raises, lowers and leaves (the paper's Appendix Table 2)."""
+        w_hat = ternary_adjustment(self.delta(), self.omega, self.up, self.down)
+        up, down = int((w_hat > 0).sum()), int((w_hat < 0).sum())
+        return {"codes_total": w_hat.numel(), "codes_increased": up, "codes_decreased": down,
+                "codes_unchanged": w_hat.numel() - up - down}
+
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, omega={self.omega}, mu_scaling={self.mu_scaling}"
 

@@ -167,8 +167,10 @@ class _Stop(Exception):
     pass
 
 
-def _first_block_inputs(model: nn.Module, first: nn.Module, calib_ids: Tensor) -> list[tuple[tuple, dict]]:
-    """``(args, kwargs)`` of the first block for each calibration batch (the model stops there)."""
+def _first_block_inputs(model: nn.Module, first: nn.Module, calib_ids: Tensor,
+                        batch: int = CALIB_BATCH) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of the first block for each calibration batch of ``batch`` sequences (the
+    model stops there)."""
     captured: list[tuple[tuple, dict]] = []
 
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -177,9 +179,9 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, calib_ids: Tensor) -
 
     handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for batch in calib_ids.split(CALIB_BATCH):
+        for ids in calib_ids.split(batch):
             with suppress(_Stop):
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=ids, use_cache=False)
     finally:
         handle.remove()
     return captured

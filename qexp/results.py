@@ -88,7 +88,8 @@ def unused(cfg: DictConfig) -> tuple[str, ...]:
     cls = registry().get(cfg.method.get("name"))
     if cls is None:
         return ()
-    calibrates = cls.NEEDS_CALIB or (cls.NEEDS_BASE and cfg.quant.init == "gptq")
+    calibrates = (cls.NEEDS_CALIB or (cls.NEEDS_BASE and cfg.quant.init == "gptq")
+                  or cfg.quant.get("smoothquant") not in (None, False))
     return ((() if cls.TRAINS else ("train",)) + (() if calibrates else GPTQ_ONLY))
 
 

@@ -105,3 +105,19 @@ def test_cell_runs_tiny(cfg_factory, method):
     if method == "loftq":
         errs = rec["init"]["loftq_error"]
         assert len(errs) == 5 and errs == sorted(errs, reverse=True)
+
+
+def test_l4q_table4_inits_differ_as_the_paper_describes():
+    """L4Q_init clips nothing; symm (absmax/2^(b−1)) clips the positive maxima; asymm covers [min, max]
+    with a float β; LSQ+'s 3σ init clips the tails. Every init gives the same layer shapes."""
+    from qexp.methods.l4q import init_range
+    from qexp.quant.lsq import lsq_codes
+
+    w, spec = _weight(3), QuantSpec(3, 32, True)
+    clipped = {}
+    for how in ("l4q", "symm", "asymm", "lsq"):
+        s, beta = init_range(w, spec, how)
+        wn, _, _ = lsq_codes(w, s, beta, spec)
+        clipped[how] = int(((wn < spec.qmin - 1e-4) | (wn > spec.qmax + 1e-4)).sum())  # beyond float rounding
+        assert (beta == 0).all() == (how != "asymm")
+    assert clipped["l4q"] == 0 and clipped["asymm"] == 0 and clipped["symm"] > 0 and clipped["lsq"] > clipped["symm"]

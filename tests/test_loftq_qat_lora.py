@@ -121,3 +121,11 @@ def test_l4q_table4_inits_differ_as_the_paper_describes():
         clipped[how] = int(((wn < spec.qmin - 1e-4) | (wn > spec.qmax + 1e-4)).sum())  # beyond float rounding
         assert (beta == 0).all() == (how != "asymm")
     assert clipped["l4q"] == 0 and clipped["asymm"] == 0 and clipped["symm"] > 0 and clipped["lsq"] > 0
+
+
+def test_loftq_lowrank_svd_is_near_the_exact_fit():
+    w, spec = _weight(4), QuantSpec(3, 32)
+    exact = loftq_init(w, spec, 4, 3)[3]
+    torch.manual_seed(0)
+    fast = loftq_init(w, spec, 4, 3, svd="lowrank")[3]
+    assert all(f <= e * 1.01 for f, e in zip(fast, exact, strict=True)), (fast, exact)

@@ -9,14 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from . import dist
+from .config import smoothquant_alpha
 from .methods import Method, MethodLayer
 from .models import set_module
-from .quant import QuantLinear
+from .quant import QuantLinear, act
 from .quant.base import base_quantizer
+from .quant.smoothquant import smooth
 
 
 def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quant_cfg,
-           calib: Callable[[], Tensor], cache_dir: Path | None = None) -> None:
+           calib: Callable[[], Tensor], cache_dir: Path | None = None) -> dict:
     """Quantize each target with the base quantizer (if the method starts from one) and swap in
     the method's training layer; ``targets`` is consumed (each fp Linear is freed as it is replaced).
     Everything else in the model stays frozen. ``cache_dir``: where
@@ -24,8 +26,15 @@ def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quan
 
     On several processes the main process quantizes first (the others then read its GPTQ base
     from the cache), and at the end every rank takes the main process's attached model: one
-    base and one calibrated init (QWHA, CLoQ) for all ranks."""
+    base and one calibrated init (QWHA, CLoQ) for all ranks.
+
+    Weight-activation-KV quantization (``quant.smoothquant`` first, on the fp model;
+    ``quant.act_bits`` / ``kv_bits`` last, on the method's layers): returns what the record states."""
     model.requires_grad_(False)
+    names = list(targets)  # consumed below
+    smoothed = None
+    if smoothquant_alpha(getattr(quant_cfg, "smoothquant", False)) is not None:
+        smoothed = smooth(model, calib(), smoothquant_alpha(quant_cfg.smoothquant))
     method.prepare(model, targets, calib() if method.NEEDS_CALIB else None)
     with dist.main_first():
         quantize = (base_quantizer(quant_cfg, method.spec, model, targets, calib, cache_dir)
@@ -36,6 +45,8 @@ def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quan
         qw = quantize(name, linear) if quantize else None
         set_module(model, name, method.layer(name, linear, qw))
     dist.broadcast_module(model)
+    report = act.install(model, names, getattr(quant_cfg, "act_bits", 16), getattr(quant_cfg, "kv_bits", 16))
+    return {**report, "smoothquant": smoothed or "none"}
 
 
 @torch.no_grad()

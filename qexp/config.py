@@ -101,6 +101,11 @@ class QuantConfig:
     awq_grid: int = 20  # AWQ's grid over the scale exponent (and over the clip shrink)
     awq_tokens: int = 4096  # calibration tokens per input the AWQ searches measure the output error on
     recon: ReconConfig = field(default_factory=ReconConfig)  # omniquant / blockap
+    # weight-activation-KV quantization (qexp/quant/act.py, smoothquant.py; LR-QAT Table 5: W4A8 = act_bits=8,
+    # W4A8KV4 = act_bits=8 kv_bits=4, W4A4 = act_bits=4 kv_bits=4)
+    act_bits: int = 16  # per-token dynamic fake-quant of the target linears' inputs: 4 | 6 | 8 | 16 (off)
+    kv_bits: int = 16  # per-token per-head K (after RoPE) and V quantization: 4 | 6 | 8 | 16 (off)
+    smoothquant: Any = False  # SmoothQuant before the base: false | true (alpha 0.5) | alpha in (0, 1]
 
 
 @dataclass
@@ -234,6 +239,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.limit={cfg.eval.limit} is not valid; use a positive item count or null for all")
     check_schema(cfg)
     check_ranges(cfg)
+    check_act_quant(cfg)
     if cfg.model.path is not None and cfg.model.source != "hub":
         raise ConfigError(f"model.path={cfg.model.path!r} has no meaning for model={cfg.model.name} "
                           f"(model.source={cfg.model.source}: {SOURCES[cfg.model.source]}); a local or hub "
@@ -249,7 +255,9 @@ def validate(cfg: DictConfig) -> None:
 def calibrated_stages(quant: Any) -> list[str]:
     """The base-quantization stages ``quant`` turns on that need calibration activations."""
     stages = [f"quant.init={quant.init}"] if quant.init in ("gptq", "omniquant", "blockap") else []
-    return stages + [f"quant.{k}=true" for k in ("magr", "awq") if quant.get(k, False)]
+    stages += [f"quant.{k}=true" for k in ("magr", "awq") if quant.get(k, False)]
+    sq = quant.get("smoothquant", False)
+    return stages + ([f"quant.smoothquant={str(sq).lower()}"] if sq not in (None, False) else [])
 
 
 def check_base(cfg: DictConfig) -> None:
@@ -346,6 +354,41 @@ def check_ranges(cfg: DictConfig) -> None:
     for key, src in sources(cfg):
         if src.ppl_windows < 1:
             raise ConfigError(f"{key}.ppl_windows={src.ppl_windows} is not valid; use a positive window count")
+
+
+def smoothquant_alpha(value: Any) -> float | None:
+    """``quant.smoothquant``: None (off), or SmoothQuant's migration strength α (``true``: 0.5)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 0.5
+    if isinstance(value, int | float) and 0 < value <= 1:
+        return float(value)
+    raise ConfigError(f"quant.smoothquant={value!r} is not valid; choose false, true (alpha 0.5) or an alpha "
+                      "in (0, 1]")
+
+
+def check_act_quant(cfg: DictConfig) -> None:
+    """``quant.act_bits`` / ``quant.kv_bits`` choices, ``quant.smoothquant``, and the method and export
+    that cannot take activation quantization (before any work)."""
+    from .methods import registry
+    from .quant.act import ACT_BITS
+
+    q = cfg.quant
+    _choice("quant.act_bits", q.act_bits, ACT_BITS)
+    _choice("quant.kv_bits", q.kv_bits, ACT_BITS)
+    smoothquant_alpha(q.smoothquant)
+    if q.act_bits == 16 and q.kv_bits == 16:
+        return
+    cls = registry()[cfg.method.name]
+    if not cls.ACT_QUANT:
+        raise ConfigError(f"method={cfg.method.name} cannot combine with activation quantization "
+                          f"(quant.act_bits={q.act_bits}, quant.kv_bits={q.kv_bits}): {cls.ACT_QUANT_WHY}; "
+                          "set both to 16 or choose another method")
+    formats = list(cfg.get("export", {}).get("formats", []) or [])
+    if formats:
+        raise ConfigError(f"export.formats={formats} with quant.act_bits={q.act_bits}, quant.kv_bits={q.kv_bits}: the "
+                          "export files hold weights only, not the activation/KV quantizers; choose export=none")
 
 
 def sources(cfg: DictConfig) -> list[tuple[str, Any]]:

@@ -112,5 +112,11 @@ def targets(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``; it inherits the forward pre-hooks of the module it replaces (the
+    activation quantizer of ``quant.act_bits`` survives attach and merge)."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child, None)
+    if isinstance(old, nn.Module) and old is not new:
+        new._forward_pre_hooks.update(old._forward_pre_hooks)
+    setattr(owner, child, new)

@@ -86,8 +86,8 @@ def run_cell(cfg: DictConfig) -> dict:
             if cfg.eval.fp_reference:
                 evaluate("fp")
             with rec.timer("quantize"):  # base quantizer (RTN / GPTQ) + the method's layers
-                adapt.attach(model, method, targets, cfg.quant, calib,
-                             models.cache_root(cfg.cache_dir) / "gptq" if cfg.quant.cache else None)
+                gptq_cache = models.cache_root(cfg.cache_dir) / "gptq" if cfg.quant.cache else None
+                rec.data["quant_act"] = adapt.attach(model, method, targets, cfg.quant, calib, gptq_cache)  # + act/KV
                 rec.data["init"] = method.report()  # e.g. QWHA's layer-output error after init
             if cfg.eval.base:
                 evaluate("base")

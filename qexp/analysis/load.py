@@ -2,7 +2,8 @@
 
 Sources: a directory (every ``result.json`` below it), a W&B runs export (``.csv`` from the runs
 table, or ``.json``/``.jsonl`` with one run per item: ``config``, ``summary``, ``state``), a
-``qexp.plan`` JSON (its predicted memory per cell: :func:`from_plan`), or
+``qexp.plan`` JSON (its predicted memory per cell: :func:`from_plan`; a directory's ``plan/*.json``
+are read too), or
 ``wandb:<entity>/<project>`` (the W&B API; needs a login). Records that are not ``ok`` (failed,
 preempted, running, corrupt) go to :attr:`Results.failed` and never into the metrics; preempted
 ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
@@ -174,6 +175,33 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
     return Results(df, bad, pd.DataFrame(warnings, columns=WARNINGS))
 
 
+def from_plan(doc: dict, path: str) -> list[tuple[str, dict]]:
+    """A ``qexp.plan`` JSON: one record per planned cell, its predicted peak (and train-step peak) device
+    memory in GiB (``mem/plan_peak_gib``, ``mem/plan_train_gib``); the sweep is its ``+experiment``, and
+    dotted overrides (``method.rank=8``) enter the config, so table variants find the cell."""
+    import yaml
+
+    out = []
+    for i, c in enumerate(doc["cells"]):
+        sets = dict(o.split("=", 1) for o in c.get("overrides", []) if "=" in o)
+        sweep = sets.get("+experiment") or doc.get("name") or "plan"
+        config: dict = {"name": sweep, "model": {"name": c["model"]}, "method": {"name": c["method"]},
+                        "bits": c["bits"], "group_size": c["group_size"]}
+        extra = unflatten({k: yaml.safe_load(v) for k, v in sets.items() if "." in k and not k.startswith(("+", "~"))})
+        for k, v in extra.items():
+            config[k] = {**config[k], **v} if isinstance(v, dict) and isinstance(config.get(k), dict) else v
+        stages = c.get("stages_mb", {})
+        mem = {"plan_peak_gib": c["peak_mb"] / 1024, **({"plan_train_gib": stages["train"] / 1024} if "train" in stages
+                                                         else {})}
+        out.append((f"{path}#{i}", {"status": "ok", "name": sweep, "cell_id": f"plan:{c['cell']}", "config": config,
+                                    "metrics": {}, "memory": mem}))
+    return out
+
+
+def is_plan(doc: Any) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("cells"), list) and all("peak_mb" in c for c in doc["cells"])
+
+
 def wandb_record(config: dict, summary: dict, state: str | None, name: str | None = None) -> dict:
     """One W&B run (config, summary, state) as a qexp record."""
     status = WANDB_STATES.get(str(state).lower(), str(state).lower()) if state else "ok"
@@ -204,25 +232,6 @@ def from_wandb_api(project: str) -> list[tuple[str, dict]]:
     return [(f"wandb:{project}/{r.id}", wandb_record(dict(r.config), dict(r.summary), r.state, r.id)) for r in runs]
 
 
-def from_plan(plan: dict, path: str) -> list[tuple[str, dict]]:
-    """A ``qexp.plan`` JSON: each planned cell as a record whose metrics are the predicted memory
-    (``mem/plan_train_gib``: a training step's peak; ``mem/plan_peak_gib``: the cell's peak), its
-    config the cell's overrides (``+experiment=<x>`` names the sweep)."""
-    import yaml
-
-    out = []
-    for c in plan["cells"]:
-        over = dict(o.split("=", 1) for o in c.get("overrides", []) if "=" in o)
-        config = unflatten({k: yaml.safe_load(v) for k, v in over.items() if not k.startswith(("+", "method"))})
-        config.update(model={"name": c["model"]}, method={"name": c["method"]}, bits=c["bits"],
-                      group_size=c["group_size"], name=over.get("+experiment"))
-        train = (c.get("stages_mb") or {}).get("train")
-        memory = {"plan_peak_gib": c["peak_mb"] / 1024, **({"plan_train_gib": train / 1024} if train else {})}
-        out.append((f"{path}#{c['cell']}", {"status": "ok", "name": config["name"], "cell_id": f"plan:{c['cell']}",
-                                            "config": config, "memory": memory}))
-    return out
-
-
 def load(source: str | Path | list) -> Results:
     """Every record under ``source`` (see the module docstring for the accepted sources); a list of
     directories: every record under each (e.g. two sweeps that hold different seeds)."""
@@ -235,13 +244,15 @@ def load(source: str | Path | list) -> Results:
         return from_records(from_wandb_api(s.removeprefix("wandb:")))
     p = Path(source)
     if p.is_dir():
-        return from_records([(str(f), read_json(f)) for f in sorted(p.rglob("result.json"))])
+        plans = [(f, json.loads(f.read_text())) for f in sorted(p.rglob("plan/*.json"))]
+        return from_records([(str(f), read_json(f)) for f in sorted(p.rglob("result.json"))]
+                            + [r for f, d in plans if is_plan(d) for r in from_plan(d, str(f))])
     if p.suffix == ".csv":
         return from_records(from_wandb_csv(p))
     if p.suffix in (".json", ".jsonl") and p.exists():
         text = p.read_text()
         runs = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-        if isinstance(runs, dict) and "cells" in runs and "command" in runs:  # a qexp.plan prediction
+        if is_plan(runs):
             return from_records(from_plan(runs, str(p)))
         runs = runs if isinstance(runs, list) else [runs]
         return from_records([(f"{p}#{i}", r if "status" in r else

@@ -307,6 +307,8 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     ref = paper_model or sp["paper_model"]
     allcsv = paper_values()
     csv = allcsv[(allcsv["paper"] == sp["paper"]) & (allcsv["table"] == sp["table"])]
+    if sp.get("paper_setting"):  # the CSV's own bits labels to keep (LR-QAT Table 5: "4-8-4" and "16-16-16")
+        csv = csv[csv["bits"].isin(sp["paper_setting"])]
     if ref not in set(csv["model"]):
         raise KeyError(f"paper_model={ref!r} is not in {sp['paper']} {sp['table']}; choose one of: "
                        f"{', '.join(sorted(set(csv['model'])))}")
@@ -316,6 +318,10 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
         df = df[df["sweep"].isin(own)]
     df = variants(df, sp["methods"])
     where, keys = sp.get("where", {}), list(sp["rows"])
+    conf = {k: v for k, v in where.items() if "." in k}  # config filters (quant.act_bits: 8): cells only
+    where = {k: v for k, v in where.items() if k not in conf}
+    for k, v in conf.items():
+        df = df[df[k] == v] if k in df else df.iloc[:0]
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
     units = df.attrs.get("units") or {} if units is None else units  # per-window / per-item data (load)

@@ -58,6 +58,8 @@ class Method:
         False if the method quantizes the fp weight itself (or not at all).
       TRAINS: False for post-training methods (the trainer is skipped).
       NEEDS_CALIB: ``prepare`` gets calibration token ids (QWHA's Hessians), else None.
+      ACT_QUANT: False for a method that cannot run under activation/KV quantization (refused
+        before work, with ACT_QUANT_WHY); every method here can.
       EVAL_UNMERGED: also evaluate the trained model before merge (``ppl/<set>/unmerged``),
         for methods whose merge changes the model (QLoRA's re-quantization).
     """
@@ -68,6 +70,8 @@ class Method:
     TRAINS: ClassVar[bool] = True
     EVAL_UNMERGED: ClassVar[bool] = False
     NEEDS_CALIB: ClassVar[bool] = False  # prepare() receives calibration token ids
+    ACT_QUANT: ClassVar[bool] = True  # False: cannot run with quant.act_bits / kv_bits < 16 (ACT_QUANT_WHY says why)
+    ACT_QUANT_WHY: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, spec: QuantSpec) -> None:
         self.cfg = cfg

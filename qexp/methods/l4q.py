@@ -33,6 +33,37 @@ class L4QConfig(MethodConfig):
     rank: int = 4  # paper: 4 (8 for Mistral)
     alpha: float = 1.0  # W_comb = W₀ + alpha·BA (no 1/r); see conf/method/l4q.yaml for the choice
     lsq_grad_scale: bool = False  # LSQ's 1/√(g·Q_P) on ∂L/∂s and ∂L/∂β; the paper does not state it
+    init: str = "l4q"  # s, β init (paper Table 4): l4q | lsq (LSQ+) | symm (absmax) | asymm (min-max)
+
+
+INITS = ("l4q", "lsq", "symm", "asymm")
+
+
+@torch.no_grad()
+def init_range(w: Tensor, spec: QuantSpec, how: str = "l4q") -> tuple[Tensor, Tensor]:
+    """Per-group ``(s, β)`` of L4Q's Table 4 (fp32): ``l4q`` L4Q_init, ``s = max(|min W|/|Q_N|, max W/Q_P)``,
+    ``β = 0`` (nothing clips); ``symm`` ``s = max|W|/2^(b−1)``, ``β = 0`` (the positive end may clip);
+    ``asymm`` min-max, ``s = (max − min)/(2^b − 1)``, ``β = min − s·Q_N``; ``lsq`` LSQ+'s weight init
+    ``s = max(|μ − 3σ|, |μ + 3σ|)/2^(b−1)``, ``β = 0`` (clips the tails; β = 0 for weights: assumed)."""
+    if how == "l4q":
+        s, beta = minmax_range(w, spec)
+        return s, beta
+    g = grouped(w.detach().float(), spec.group_size)
+    half = 2 ** (spec.bits - 1)
+    if how == "symm":
+        s = g.abs().amax(-1) / half
+        beta = torch.zeros_like(s)
+    elif how == "asymm":
+        lo, hi = g.amin(-1), g.amax(-1)
+        s = (hi - lo) / (2**spec.bits - 1)
+        beta = lo - s * spec.qmin
+    elif how == "lsq":
+        mu, sigma = g.mean(-1), g.std(-1)
+        s = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / half
+        beta = torch.zeros_like(s)
+    else:
+        raise ConfigError(f"method.init={how!r} is not valid; choose one of: {', '.join(INITS)}")
+    return s.clamp(min=1e-8), beta
 
 
 def combined_weight(w0: Tensor, a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -94,15 +125,15 @@ class L4QLinear(MethodLayer):
     :func:`param_dtype` of it) and fp32 ``scale, offset``; ``(W − β)/s`` and the weight in fp32."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, spec: QuantSpec, rank: int, alpha: float,
-                 use_grad_scale: bool) -> None:
+                 use_grad_scale: bool, init: str = "l4q") -> None:
         super().__init__()
         self.spec, self.alpha = spec, alpha
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.lora_A, self.lora_B = lora_factors(weight.shape[1], weight.shape[0], rank, weight)
-        scale, zero = minmax_range(weight.detach(), spec)  # L4Q_init: symmetric, nothing clips
+        scale, offset = init_range(weight, spec, init)  # L4Q_init: symmetric, nothing clips, β = 0
         self.scale = nn.Parameter(scale.to(scale_dtype(weight.dtype)))
-        self.offset = nn.Parameter(zero.to(scale_dtype(weight.dtype)))  # β = 0
+        self.offset = nn.Parameter(offset.to(scale_dtype(weight.dtype)))
         self.gscale = lsq_grad_scale(spec, weight.shape[1]) if use_grad_scale else 1.0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -137,8 +168,10 @@ class L4Q(Method):
                               "grid with a learned offset; choose quant.sym=true (conf/method/l4q.yaml sets it)")
         if cfg.rank < 1:
             raise ConfigError(f"method.rank={cfg.rank} is not valid; choose a positive integer")
+        if cfg.init not in INITS:
+            raise ConfigError(f"method.init={cfg.init!r} is not valid; choose one of: {', '.join(INITS)}")
         super().__init__(cfg, spec)
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
         c = self.cfg
-        return L4QLinear(linear.weight, linear.bias, self.spec, c.rank, c.alpha, c.lsq_grad_scale)
+        return L4QLinear(linear.weight, linear.bias, self.spec, c.rank, c.alpha, c.lsq_grad_scale, c.init)

@@ -13,15 +13,17 @@ training micro-batch × seqlen; eval batch × seqlen; one calibration forward (G
 batch × calib_seqlen); merge-check tokens. Activation memory is linear in tokens when attention
 never forms the ``T×T`` scores (SDPA's flash / memory-efficient kernels, the default).
 
-Shortcuts, each exact for memory: a GPTQ base is measured once per grid layout and shared by
-the cells that use it (bits change code values, not shapes), and the attach, train, merge and
-eval stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one
-layer at a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid``
-(it holds one at a time); cells that differ only in bits share one measurement (the test checks
-that bits leave every method's bytes unchanged, but QWHA's, whose AdaAlloc budget split moves
-them by < 0.5 %). One assumption, to save a fourth GPTQ run: GPTQ works block by block, so its
-calibration activations do not grow with layers (no ``d`` term) and its base is measured at
-three of the four points (checked at test scale: 4 and 6 layers within 2 %).
+Shortcuts, each exact for memory: a GPTQ base is measured once per grid layout and shared by the
+cells that use it (bits change code values, not shapes), and the attach, train, merge and eval
+stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one layer at
+a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid`` (it holds
+one at a time); MagR runs 2 of its ``quant.magr_iters`` proximal steps (each step allocates the
+same tensors; 200 steps of a 14336² matmul take hours on a CPU); cells that differ only in bits
+share one measurement (the test checks that bits leave every method's bytes unchanged, but
+QWHA's, whose AdaAlloc budget split moves them by < 0.5 %). One assumption, to save a fourth
+GPTQ run: GPTQ works block by block, so its calibration activations do not grow with layers (no
+``d`` term) and its base is measured at three of the four points (checked at test scale: 4 and 6
+layers within 2 %).
 Calibration sequences beyond one forward batch stay in host memory.
 
 Not counted: the CUDA context and kernels (about 0.5 GB), allocator fragmentation and cache,
@@ -240,8 +242,10 @@ class Planner:
 
     @staticmethod
     def _base(cfg: DictConfig, spec: QuantSpec, model, targets, ids) -> None:
-        """GPTQ on every target (it computes them all before attach swaps any)."""
-        quantize = base_quantizer(cfg.quant, spec, model, targets, lambda: ids, None)
+        """GPTQ on every target (it computes them all before attach swaps any); MagR, when on, runs
+        2 of its iterations (each allocates the same)."""
+        quant = OmegaConf.merge(cfg.quant, {"magr_iters": min(cfg.quant.get("magr_iters", 2), 2)})
+        quantize = base_quantizer(quant, spec, model, targets, lambda: ids, None)
         qws = {n: quantize(n, t) for n, t in targets.items()}  # noqa: F841  (held, as attach holds them)
 
     def plan(self, cell: Cell) -> dict:

@@ -83,6 +83,19 @@ def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
                 assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.005 if method == "qwha" else 0), (method, stage)
 
 
+def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():
+    """The plan's MagR shortcut (2 proximal steps, not 200) is exact for memory."""
+    from qexp.quant.magr import magr
+
+    w, x = torch.randn(64, 256), torch.randn(512, 256)
+    peaks = []
+    for iters in (2, 5):
+        with TensorMemory() as mem:
+            magr(w, x.T @ x, 64, 1e-4, iters)
+            peaks.append(mem.peak())
+    assert peaks[0] == pytest.approx(peaks[1]) and peaks[0] > 0
+
+
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
     assert len(cells) == 5 * 3 * 2

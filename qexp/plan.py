@@ -331,6 +331,8 @@ def table(row: dict) -> str:
     for stage, mb in row["stages_mb"].items():
         lines.append(f"| {stage} | {row['tokens'][stage]} | {mb * MB / GIB:.2f} |")
     lines.append(f"| **total (peak)** | | **{row['peak_mb'] * MB / GIB:.2f}** ({row['peak_stage']}) |")
+    if "command" in row:
+        lines += ["", f"`{row['command']}`"]
     return "\n".join(lines)
 
 
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--validate", default=None, metavar="K1,K2",
                    help="instead of planning: measure K1 and K2 layers and compare with the prediction")
     p.add_argument("--validate-tokens", type=int, default=256, help="tokens per stage in --validate")
+    p.add_argument("--update", action="store_true",
+                   help="keep the cells of an existing --out JSON that this run does not plan (each cell names "
+                        "the command that planned it)")
     args = p.parse_intermixed_args(argv)  # overrides before and after the flags, as qexp.run takes them
     logging.basicConfig(level=logging.WARNING)
     cells = compose_cells(args.overrides, args.multirun)
@@ -376,16 +381,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return checks
     rows = []
     for cell in cells:
-        rows.append(planner.plan(cell))
+        rows.append({**planner.plan(cell), "command": command})
         print(table(rows[-1]), "\n", flush=True)
-    print(summary(rows, args.gpu_gib))
     out = Path(args.out or Path(cells[0].cfg.results_dir) / "plan" / f"{cells[0].cfg.name}.json")
+    if args.update and out.exists():
+        old, fresh = json.loads(out.read_text()), {r["cell"]: r for r in rows}
+        rows = [fresh.pop(r["cell"], {"command": old["command"], **r}) for r in old["cells"]] + list(fresh.values())
+        command = "; ".join(dict.fromkeys(r["command"] for r in rows))
+    print(summary(rows, args.gpu_gib))
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": command,
            "layers": planner.layers, "tokens": planner.tokens, "torch": torch.__version__,
            "note": "predicted peak device memory per stage, MB (2**20 bytes); see qexp/plan.py", "cells": rows}
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"written: {out}")
+    out.with_suffix(".md").write_text("\n\n".join(table(r) for r in rows) + "\n\n" + summary(rows, args.gpu_gib) + "\n")
+    print(f"written: {out} and {out.with_suffix('.md')}")
     return rows
 
 

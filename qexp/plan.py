@@ -13,15 +13,17 @@ training micro-batch × seqlen; eval batch × seqlen; one calibration forward (G
 batch × calib_seqlen); merge-check tokens. Activation memory is linear in tokens when attention
 never forms the ``T×T`` scores (SDPA's flash / memory-efficient kernels, the default).
 
-Shortcuts, each exact for memory: a GPTQ base is measured once per grid layout and shared by
-the cells that use it (bits change code values, not shapes), and the attach, train, merge and
-eval stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one
-layer at a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid``
-(it holds one at a time); cells that differ only in bits share one measurement (the test checks
-that bits leave every method's bytes unchanged, but QWHA's, whose AdaAlloc budget split moves
-them by < 0.5 %). One assumption, to save a fourth GPTQ run: GPTQ works block by block, so its
-calibration activations do not grow with layers (no ``d`` term) and its base is measured at
-three of the four points (checked at test scale: 4 and 6 layers within 2 %).
+Shortcuts, each exact for memory: a GPTQ base is measured once per grid layout and shared by the
+cells that use it (bits change code values, not shapes), and the attach, train, merge and eval
+stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one layer at
+a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid`` (it holds
+one at a time); MagR runs 2 of its ``quant.magr_iters`` proximal steps (each step allocates the
+same tensors; 200 steps of a 14336² matmul take hours on a CPU); cells that differ only in bits
+share one measurement (the test checks that bits leave every method's bytes unchanged, but
+QWHA's, whose AdaAlloc budget split moves them by < 0.5 %). One assumption, to save a fourth
+GPTQ run: GPTQ works block by block, so its calibration activations do not grow with layers (no
+``d`` term) and its base is measured at three of the four points (checked at test scale: 4 and 6
+layers within 2 %).
 Calibration sequences beyond one forward batch stay in host memory.
 
 Not counted: the CUDA context and kernels (about 0.5 GB), allocator fragmentation and cache,
@@ -240,8 +242,10 @@ class Planner:
 
     @staticmethod
     def _base(cfg: DictConfig, spec: QuantSpec, model, targets, ids) -> None:
-        """GPTQ on every target (it computes them all before attach swaps any)."""
-        quantize = base_quantizer(cfg.quant, spec, model, targets, lambda: ids, None)
+        """GPTQ on every target (it computes them all before attach swaps any); MagR, when on, runs
+        2 of its iterations (each allocates the same)."""
+        quant = OmegaConf.merge(cfg.quant, {"magr_iters": min(cfg.quant.get("magr_iters", 2), 2)})
+        quantize = base_quantizer(quant, spec, model, targets, lambda: ids, None)
         qws = {n: quantize(n, t) for n, t in targets.items()}  # noqa: F841  (held, as attach holds them)
 
     def plan(self, cell: Cell) -> dict:
@@ -327,6 +331,8 @@ def table(row: dict) -> str:
     for stage, mb in row["stages_mb"].items():
         lines.append(f"| {stage} | {row['tokens'][stage]} | {mb * MB / GIB:.2f} |")
     lines.append(f"| **total (peak)** | | **{row['peak_mb'] * MB / GIB:.2f}** ({row['peak_stage']}) |")
+    if "command" in row:
+        lines += ["", f"`{row['command']}`"]
     return "\n".join(lines)
 
 
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--validate", default=None, metavar="K1,K2",
                    help="instead of planning: measure K1 and K2 layers and compare with the prediction")
     p.add_argument("--validate-tokens", type=int, default=256, help="tokens per stage in --validate")
+    p.add_argument("--update", action="store_true",
+                   help="keep the cells of an existing --out JSON that this run does not plan (each cell names "
+                        "the command that planned it)")
     args = p.parse_intermixed_args(argv)  # overrides before and after the flags, as qexp.run takes them
     logging.basicConfig(level=logging.WARNING)
     cells = compose_cells(args.overrides, args.multirun)
@@ -372,16 +381,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return checks
     rows = []
     for cell in cells:
-        rows.append(planner.plan(cell))
+        rows.append({**planner.plan(cell), "command": command})
         print(table(rows[-1]), "\n", flush=True)
-    print(summary(rows, args.gpu_gib))
     out = Path(args.out or Path(cells[0].cfg.results_dir) / "plan" / f"{cells[0].cfg.name}.json")
+    if args.update and out.exists():
+        old, fresh = json.loads(out.read_text()), {r["cell"]: r for r in rows}
+        rows = [fresh.pop(r["cell"], {"command": old["command"], **r}) for r in old["cells"]] + list(fresh.values())
+        command = "; ".join(dict.fromkeys(r["command"] for r in rows))
+    print(summary(rows, args.gpu_gib))
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"command": command,
            "layers": planner.layers, "tokens": planner.tokens, "torch": torch.__version__,
            "note": "predicted peak device memory per stage, MB (2**20 bytes); see qexp/plan.py", "cells": rows}
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"written: {out}")
+    out.with_suffix(".md").write_text("\n\n".join(table(r) for r in rows) + "\n\n" + summary(rows, args.gpu_gib) + "\n")
+    print(f"written: {out} and {out.with_suffix('.md')}")
     return rows
 
 

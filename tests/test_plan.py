@@ -83,6 +83,19 @@ def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
                 assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.005 if method == "qwha" else 0), (method, stage)
 
 
+def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():
+    """The plan's MagR shortcut (2 proximal steps, not 200) is exact for memory."""
+    from qexp.quant.magr import magr
+
+    w, x = torch.randn(64, 256), torch.randn(512, 256)
+    peaks = []
+    for iters in (2, 5):
+        with TensorMemory() as mem:
+            magr(w, x.T @ x, 64, 1e-4, iters)
+            peaks.append(mem.peak())
+    assert peaks[0] == pytest.approx(peaks[1]) and peaks[0] > 0
+
+
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
     assert len(cells) == 5 * 3 * 2
@@ -91,7 +104,7 @@ def test_paper_sweep_expands_to_its_grid():
         compose_cells(["method=peqa,lora"], multirun=False)
 
 
-def test_plan_cli_writes_tables_and_json(tmp_path, capsys):
+def test_plan_cli_writes_tables_and_json_and_updates_them(tmp_path, capsys):
     out = tmp_path / "plan.json"
     rows = main(["model=tiny_random", "method=peqa,lora", "--multirun", "--out", str(out)])
     assert [r["method"] for r in rows] == ["peqa", "lora"]
@@ -99,6 +112,14 @@ def test_plan_cli_writes_tables_and_json(tmp_path, capsys):
     assert "| train |" in text and "fits 80 GiB" in text
     doc = json.loads(out.read_text())
     assert doc["cells"][0]["peak_mb"] == max(doc["cells"][0]["stages_mb"].values())
+    assert out.with_suffix(".md").read_text().count("### ") == 2
+    # --update re-plans one cell and keeps the other, each with the command that planned it
+    main(["model=tiny_random", "method=lora", "train.seqlen=128", "--out", str(out), "--update"])
+    cells = json.loads(out.read_text())["cells"]
+    assert [c["method"] for c in cells] == ["peqa", "lora"]
+    assert "method=peqa,lora" in cells[0]["command"] and "train.seqlen=128" in cells[1]["command"]
+    assert cells[1]["tokens"]["train"] * 2 == cells[0]["tokens"]["train"]  # seqlen 128, not 256
+    assert "train.seqlen=128" in out.with_suffix(".md").read_text()
 
 
 def test_hub_model_without_a_readable_config_names_the_model_and_the_fix(monkeypatch):

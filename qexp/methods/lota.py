@@ -81,12 +81,20 @@ class LoTALinear(MethodLayer):
         self.register_buffer("scale", qw.scale.detach().clone())
         self.register_buffer("zero", qw.zero.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # static boundary masks from the frozen codes (pitfall 6: reused unchanged at merge)
-        self.register_buffer("up", qw.codes < self.spec.qmax)
-        self.register_buffer("down", qw.codes > self.spec.qmin)
         like = torch.empty(0, dtype=dtype, device=qw.codes.device)
         self.lora_A = nn.Parameter(ternarize_init(rank, d_in, like))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=qw.codes.device))
+
+    @property
+    def up(self) -> Tensor:
+        """Where a +1 stays on the grid: a static mask of the frozen codes (pitfall 6: reused unchanged
+        at merge). Recomputed per forward, not stored: two 1-byte masks per weight are 13 GiB at 8B."""
+        return self.codes < self.spec.qmax
+
+    @property
+    def down(self) -> Tensor:
+        """Where a -1 stays on the grid (see :attr:`up`)."""
+        return self.codes > self.spec.qmin
 
     def delta(self) -> Tensor:
         """``ΔW = B A`` in the scale dtype: small integers, computed exactly."""

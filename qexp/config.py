@@ -224,7 +224,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("export") is not None:
         from .export import check  # late: export imports methods
 
-        check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding)
+        check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding, cfg.group_size)
 
 
 SOURCES = {"embedded": "the GGUF shipped in model.package", "random": "random weights built from model.random",

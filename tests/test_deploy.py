@@ -1,0 +1,97 @@
+"""Deployment formats read by code other than qexp's writer: GGUF blocks decoded from raw bytes
+and by transformers' GGUF loader, PEFT adapters loaded by ``PeftModel.from_pretrained``, and GPTQ
+checkpoints imported as a base (``quant.init=checkpoint``)."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qexp.config import ConfigError, validate
+from qexp.export import ExportError, check, export_model
+from qexp.export.gguf_file import FILE, rope_rows
+from qexp.models import gguf_path
+from qexp.run import run_cell
+from tests.test_export import T, logits, merged_tiny, quant_layers
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+
+def gguf_blocks(t, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Independent Q4_1 / Q8_0 decoder: raw block bytes -> (d, m, codes) per row and block."""
+    raw = np.asarray(t.data).view(np.uint8)
+    rows = raw.shape[0]
+    size = {"Q4_1": 20, "Q8_0": 34}[qtype]
+    b = raw.reshape(rows, -1, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if qtype == "Q4_1":
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        qs = b[..., 4:].astype(np.int64)
+        return d, m, np.concatenate([qs & 15, qs >> 4], -1)  # element j low nibble, j + 16 high
+    return d, np.zeros_like(d), b[..., 2:].copy().view(np.int8).astype(np.int64)
+
+
+@pytest.mark.parametrize("bits, sym, frac, qtype", [(2, False, False, "Q4_1"), (3, True, False, "Q4_1"),
+                                                    (4, False, True, "Q4_1"), (8, True, False, "Q8_0")])
+def test_gguf_blocks_hold_the_exact_codes_and_transformers_loads_the_file(tmp_path, bits, sym, frac, qtype):
+    model = merged_tiny(bits, sym, frac=frac)  # frac: LoTA-like float zero points, held exactly by m = -s·z
+    report = export_model(model, None, tmp_path, ["gguf"], T, dtype="float32")
+    r = report["formats"]["gguf"]
+    assert r["types"] == {qtype: 14} and r["rounding"]["fp16_d_and_m"]["max_abs_dW"] < 1e-3
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / FILE))
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {"q_proj": 4, "k_proj": 2}
+    for name, m in quant_layers(model).items():
+        i, leaf = name.split(".")[2], name.rsplit(".", 1)[-1]
+        gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[leaf]
+        t = tensors[f"blk.{i}.{gname}.weight"]
+        assert t.tensor_type.name == qtype
+        perm = rope_rows(m.codes.shape[0], heads[leaf]) if leaf in heads else torch.arange(m.codes.shape[0])
+        shift = 2 ** (bits - 1) if sym else 0  # groups of 32: one block per group
+        d, mins, q = gguf_blocks(t, qtype)
+        codes = (m.codes.long() + shift)[perm].reshape(q.shape).numpy()
+        s, z = m.scale[perm].double().numpy(), (m.zero.double() + shift)[perm].numpy()
+        assert np.array_equal(q, codes - (shift if qtype == "Q8_0" else 0))  # the codes themselves
+        assert np.array_equal(d, s.astype(np.float16).astype(np.float64))
+        if qtype == "Q4_1":
+            assert np.array_equal(mins, (-s * z).astype(np.float16).astype(np.float64))
+        # the gguf package's own dequantization gives d·q + m
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(m.codes.shape)
+        assert np.array_equal(w, (d[..., None] * q + mins[..., None]).astype(np.float32).reshape(w.shape))
+    assert tensors["token_embd.weight"].tensor_type.name == "F16"
+    assert tensors["output_norm.weight"].tensor_type.name == "F32"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=FILE, dtype=torch.float32)
+    diff = float((logits(hf) - logits(model)).abs().max())  # q/k rows permuted back by transformers
+    assert diff < 5e-3 and r["verify"]["max_abs_logit_diff_vs_merged"] < 5e-3
+
+
+def test_gguf_cell_writes_the_tokenizer_llama_cpp_reads(cfg_factory):
+    rec = run_cell(cfg_factory("method=rtn", "bits=4", "group_size=32", "export=gguf", "eval.base=false",
+                               "eval.max_windows=1", "export.verify=false"))
+    ours = gguf.GGUFReader(f"{rec['dir']}/export/gguf/{FILE}")
+    ref = gguf.GGUFReader(str(gguf_path(validate_model())))  # the packaged SmolLM2 GGUF (same tokenizer)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours.get_field(key).contents() == ref.get_field(key).contents(), key
+    assert ours.get_field("general.architecture").contents() == "llama"
+    assert ours.get_field("llama.attention.head_count_kv").contents() == 2
+
+
+def validate_model():
+    from tests.conftest import make_cfg
+
+    return make_cfg("model=smollm2_135m").model
+
+
+def test_grids_gguf_cannot_hold_are_refused_before_work(cfg_factory, tmp_path):
+    with pytest.raises(ConfigError, match=r"gguf cannot hold the grid bits=3 group_size=48: .*formats that can "
+                                          r"hold it: gptq, fp16"):
+        validate(cfg_factory("export=gguf", "bits=3", "group_size=48"))
+    check(["gguf"], 4, group_size=-1)
+    model = merged_tiny(8, False)  # 8-bit with zero points: Q8_0 stores d·q only
+    with pytest.raises(ExportError, match=r"bits=8 group_size=32 symmetric=False\) has zero points Q8_0 cannot "
+                                          r"hold.*gptq, compressed, fp16"):
+        export_model(model, None, tmp_path, ["gguf"], T)
+    assert not (tmp_path / "fp16").exists()  # refused before any file was written

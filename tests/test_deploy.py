@@ -2,6 +2,8 @@
 and by transformers' GGUF loader, PEFT adapters loaded by ``PeftModel.from_pretrained``, and GPTQ
 checkpoints imported as a base (``quant.init=checkpoint``)."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -95,3 +97,61 @@ def test_grids_gguf_cannot_hold_are_refused_before_work(cfg_factory, tmp_path):
                                           r"hold.*gptq, compressed, fp16"):
         export_model(model, None, tmp_path, ["gguf"], T)
     assert not (tmp_path / "fp16").exists()  # refused before any file was written
+
+
+# --- PEFT adapters ------------------------------------------------------------------------------
+
+def adapted_tiny(method: str) -> torch.nn.Module:
+    """tiny_llama with every target a trained-looking (B != 0) LoRA / QLoRA / CLoQ layer."""
+    from qexp.methods.cloq import CLoQLinear
+    from qexp.methods.lora import LoRALinear
+    from qexp.methods.qlora import QLoRALinear
+    from qexp.models import set_module
+    from qexp.quant import QuantSpec, rtn
+    from tests.conftest import tiny_llama
+
+    model, g = tiny_llama(), torch.Generator().manual_seed(3)
+    for name, lin in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in T:
+            qw = rtn(lin.weight, QuantSpec(4, 32, False))
+            if method == "lora":
+                layer = LoRALinear(lin.weight, lin.bias, 4, 8.0)
+            elif method == "qlora":
+                layer = QLoRALinear(qw, lin.bias, 4, 8.0, "minmax")
+            else:
+                a = torch.randn(4, lin.in_features, generator=g)
+                layer = CLoQLinear(qw, lin.bias, a, torch.zeros(lin.out_features, 4), 0.25, 0.1)
+            with torch.no_grad():
+                layer.lora_B.normal_(0, 0.05, generator=g)
+            set_module(model, name, layer.eval())
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "cloq"])
+def test_peft_loads_the_adapter_on_the_exported_base_with_the_unmerged_logits(tmp_path, method):
+    from peft import PeftModel
+
+    from qexp.export import adapters
+    from qexp.models import set_module
+
+    model = adapted_tiny(method)
+    unmerged, state = logits(model), adapters(model)
+    for name, m in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in T:
+            set_module(model, name, m.merge())
+    report = export_model(model, None, tmp_path, ["fp16"], T, dtype="float32", adapter_state=state, verify=False)
+    assert report["peft"]["layers"] == 14
+    cfg = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["lora_alpha"] / cfg["r"] == next(iter(state.values()))["attrs"]["scaling"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
+    assert torch.equal(logits(peft_model), unmerged)  # bit for bit: same base, same A, B, α/r
+
+
+def test_adapters_peft_cannot_hold_stay_in_qexp_format(tmp_path):
+    from qexp.export import peft_adapter
+
+    state = {"model.layers.0.mlp.down_proj": {"class": "qexp.methods.qwha.QWHALinear", "attrs": {},
+                                              "tensors": {"c": torch.zeros(3)}}}
+    r = peft_adapter.write(tmp_path, None, None, state, torch.float32)
+    assert r == {"skipped": "PEFT has no adapter type matching QWHALinear; adapter/ holds qexp's format"}

@@ -9,6 +9,8 @@
   exact codes (:mod:`.gguf_file`); asked for by name, not part of ``all``;
 * ``fp16/``: the dequantized model in ``export.dtype``, always (plain transformers checkpoint);
 * ``adapter/``: base + adapter state of layers that are not on the grid (LoRA, QLoRA, QWHA);
+* ``peft/``: for LoRA-type adapters (lora, qlora, cloq) the base checkpoint + a PEFT adapter
+  that ``PeftModel.from_pretrained`` loads (:mod:`.peft_adapter`);
 * ``report.json``: sizes vs the fp16 model, rounding, verification, what was skipped and why.
 
 Each directory holds ``config.json`` (with ``quantization_config``), the tokenizer and
@@ -37,7 +39,7 @@ from ..config import ConfigError
 from ..methods import MethodLayer
 from ..models import set_module
 from ..quant import QuantLinear, QuantSpec, QuantWeight, fp_linear
-from . import compressed, gguf_file, gptq
+from . import compressed, gguf_file, gptq, peft_adapter
 from .checkpoint import EXACT, META, WEIGHTS, float_state, load, save
 from .common import ExportError, WeightError, integer_zeros, signed_back, storage_errors, unsigned
 
@@ -155,6 +157,10 @@ def export_model(model: nn.Module, tok, out: str | Path, formats: list[str], tar
         report["formats"][fmt] = r
     if adapter_state:
         report["adapter"] = _write_adapter(out / "adapter", adapter_state)
+        _clear(out / "peft")
+        report["peft"] = peft_adapter.write(out / "peft", model, tok, adapter_state, DTYPES[dtype])
+        if (out / "peft").exists():
+            (out / "peft" / META).write_text(json.dumps({"format": "peft", **report["peft"]}) + "\n")
     report["fp16_model_bytes"] = fp16_bytes
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -384,4 +390,5 @@ def _write_adapter(path: Path, state: dict[str, dict]) -> dict:
     layers = {n: {"class": s["class"], "attrs": s["attrs"], "tensors": sorted(s["tensors"])} for n, s in state.items()}
     (path / "adapter.json").write_text(json.dumps(layers, indent=2) + "\n")
     return {"layers": len(state), "bytes": (path / "adapter.safetensors").stat().st_size,
-            "what": "base + adapter state of each adapted layer before merge (not loadable by PEFT as is)"}
+            "what": "base + adapter state of each adapted layer before merge (qexp's format; LoRA-type "
+                    "adapters also go to peft/)"}

@@ -70,7 +70,8 @@ class DataConfig:
 class QuantConfig:
     """How the frozen base is quantized before a method attaches (RTN by default)."""
 
-    init: str = "rtn"  # rtn | gptq
+    init: str = "rtn"  # rtn | gptq | checkpoint (read the base from a GPTQ v1/v2 checkpoint at quant.path)
+    path: str | None = None  # quant.init=checkpoint: the GPTQ checkpoint directory
     sym: bool = False
     range: str = "minmax"  # minmax | lp (range search minimising sum |W - Q(W)|^p)
     p: float = 4.0
@@ -198,7 +199,10 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.source", cfg.model.source, ("embedded", "hub", "random"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("method.name", cfg.method.get("name"), sorted(registry()))
-    _choice("quant.init", cfg.quant.init, ("rtn", "gptq"))
+    _choice("quant.init", cfg.quant.init, ("rtn", "gptq", "checkpoint"))
+    if cfg.quant.init == "checkpoint" and (not cfg.quant.get("path") or cfg.quant.get("magr")):
+        raise ConfigError(f"quant.init=checkpoint needs quant.path=<a GPTQ checkpoint directory> (got "
+                          f"{cfg.quant.get('path')!r}) and no quant.magr (the checkpoint's codes are used as they are)")
     _choice("quant.range", cfg.quant.range, ("minmax", "lp"))
     _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
     from .data.formats import FORMATS  # late: data imports config

@@ -155,3 +155,91 @@ def test_adapters_peft_cannot_hold_stay_in_qexp_format(tmp_path):
                                               "tensors": {"c": torch.zeros(3)}}}
     r = peft_adapter.write(tmp_path, None, None, state, torch.float32)
     assert r == {"skipped": "PEFT has no adapter type matching QWHALinear; adapter/ holds qexp's format"}
+
+
+# --- the base from a GPTQ checkpoint ---------------------------------------------------------------
+
+def gptq_targets(model) -> dict:
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in T}
+
+
+def to_v1(d) -> None:
+    """Rewrite a v2 export as GPTQ v1 (AutoGPTQ): qzeros hold zero - 1, checkpoint_format gptq."""
+    from safetensors.torch import load_file, save_file
+
+    from qexp.export.common import pack, unpack
+
+    sd = load_file(str(d / "model.safetensors"))
+    bits = json.loads((d / "config.json").read_text())["quantization_config"]["bits"]
+    for k in [k for k in sd if k.endswith(".qzeros")]:
+        z = unpack(sd[k], bits, dim=1, n=sd[k].shape[1] * 32 // bits)
+        sd[k] = pack((z - 1) % 2**bits, bits, dim=1)
+    save_file(sd, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("bits, sym, v1", [(4, False, False), (3, True, False), (2, False, True), (8, True, True)])
+def test_gptq_checkpoint_import_round_trips_bit_for_bit(tmp_path, bits, sym, v1):
+    from qexp.config import QuantConfig
+    from qexp.quant import QuantLinear, QuantSpec
+    from qexp.quant.base import base_quantizer
+    from tests.conftest import tiny_llama
+
+    model = merged_tiny(bits, sym)
+    export_model(model, None, tmp_path, ["gptq"], T, dtype="float32", verify=False)
+    if v1:
+        to_v1(tmp_path / "gptq")
+    fresh = tiny_llama()
+    spec = QuantSpec(bits, 32, sym)
+    quantize = base_quantizer(QuantConfig(init="checkpoint", path=str(tmp_path / "gptq")), spec, fresh,
+                              gptq_targets(fresh), lambda: None)
+    x = torch.randn(3, 64)
+    for name, lin in gptq_targets(fresh).items():
+        qw, want = quantize(name, lin), model.get_submodule(name)
+        assert qw.spec == want.spec and torch.equal(qw.codes, want.codes)
+        assert torch.equal(qw.scale, want.scale) and torch.equal(qw.zero, want.zero)
+        xi = x if lin.in_features == 64 else torch.randn(3, lin.in_features)
+        assert torch.equal(QuantLinear(qw)(xi), want(xi))
+
+
+def test_gptq_checkpoint_import_refuses_act_order_bits_and_grid_mismatch(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qexp.quant import QuantSpec
+    from qexp.quant.checkpoint import checkpoint_quantizer
+    from tests.conftest import tiny_llama
+
+    export_model(merged_tiny(4, False), None, tmp_path, ["gptq"], T, dtype="float32", verify=False)
+    d, fresh = tmp_path / "gptq", tiny_llama()
+    with pytest.raises(ConfigError, match="has bits=4 group_size=32; this run has bits=3 group_size=32"):
+        checkpoint_quantizer(str(d), QuantSpec(3, 32), gptq_targets(fresh))
+    sd = load_file(str(d / "model.safetensors"))
+    key = next(k for k in sd if k.endswith(".g_idx"))
+    sd[key] = sd[key].flip(0)  # act-order: groups no longer contiguous
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"g_idx is not contiguous groups of 32 \(desc_act / act-order"):
+        checkpoint_quantizer(str(d), QuantSpec(4, 32), gptq_targets(fresh))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"the checkpoint has bits=5; qexp's grids hold \(2, 3, 4, 8\)"):
+        checkpoint_quantizer(str(d), QuantSpec(4, 32), gptq_targets(fresh))
+    with pytest.raises(ConfigError, match="quant.init=checkpoint needs quant.path"):
+        checkpoint_quantizer(None, QuantSpec(4, 32), gptq_targets(fresh))
+
+
+def test_a_cell_starts_from_an_exported_gptq_checkpoint_with_the_same_metrics(cfg_factory, tmp_path):
+    fast = ["bits=4", "eval.base=false", "eval.max_windows=1"]
+    rec = run_cell(cfg_factory("method=rtn", *fast, "export=gptq", "export.dtype=float32", "export.verify=false"))
+    path = f"{rec['dir']}/export/gptq"
+    again = run_cell(cfg_factory("method=rtn", *fast, "quant.init=checkpoint", f"quant.path={path}"))
+    assert again["status"] == "ok" and again["dir"] != rec["dir"]
+    final = {k: v for k, v in rec["metrics"].items() if k.startswith("ppl/") and k.endswith("/final")}
+    assert final and all(again["metrics"][k] == v for k, v in final.items())  # the same base, bit for bit
+    trained = run_cell(cfg_factory("method=peqa", *fast, "train.steps=1", "quant.init=checkpoint",
+                                   f"quant.path={path}"))
+    assert trained["status"] == "ok"
+    with pytest.raises(ConfigError, match="quant.init=checkpoint needs quant.path"):
+        validate(cfg_factory("quant.init=checkpoint"))

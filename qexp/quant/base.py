@@ -17,13 +17,18 @@ BaseQuantizer = Callable[[str, nn.Linear], QuantWeight]
 def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
                    calib: Callable[[], Tensor], cache_dir: Path | None = None) -> BaseQuantizer:
     """The base's stages: preprocess (none | MagR, ``quant.magr``), then round (RTN, optionally with a
-    range search, or GPTQ; ``quant.init``); ``calib()`` gives calibration token ids.
+    range search, or GPTQ; ``quant.init``); or read it from a GPTQ checkpoint (``quant.init=checkpoint``,
+    ``quant.path``); ``calib()`` gives calibration token ids.
 
     GPTQ results are kept in ``cache_dir`` (when given) and reused by any later cell with the
     same weights, calibration ids, settings and GPTQ code (see :func:`.gptq.gptq_quantizer`).
     MagR changes only what the rounding sees: the method still gets the original fp ``linear``."""
-    if cfg.init not in ("rtn", "gptq"):
-        raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn' or 'gptq'")
+    if cfg.init not in ("rtn", "gptq", "checkpoint"):
+        raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn', 'gptq' or 'checkpoint'")
+    if cfg.init == "checkpoint":  # source: an existing GPTQ checkpoint (no preprocessing, no rounding)
+        from .checkpoint import checkpoint_quantizer
+
+        return checkpoint_quantizer(getattr(cfg, "path", None), spec, targets)
     pre: dict[str, Tensor] = {}
     if getattr(cfg, "magr", False):  # configs built by hand (tests, bench) may not name it
         if not cfg.magr_alpha > 0 or cfg.magr_iters < 1:

@@ -5,7 +5,8 @@ as ``method=rtn``), group size 64. It is exported with :func:`qexp.export.export
 
 * **GPTQModel** (torch kernel) loads ``gptq/`` at 2/3/4/8 bits, symmetric and asymmetric, in
   float16: each layer's dequantized weight against qexp's reload of the same file, logits on the
-  probe tokens and perplexity against qexp's merged model.
+  probe tokens against qexp's merged model, and perplexity (``--gptq-ppl-grids``, on
+  ``--gptq-ppl-windows`` windows: its float16 matmuls are slow on CPU).
 * **llama.cpp** (``llama-cpp-python``) loads ``gguf/`` (Q4_1 at 4 bits asymmetric, Q8_0 at 8 bits
   symmetric) and an F16 GGUF of the 4-bit merged model (its weights dequantized): logits on the
   probe tokens and perplexity against qexp's merged model, and greedy decode tokens/s of the
@@ -94,7 +95,7 @@ def env() -> dict:
             "versions": {p: v(p) for p in ("torch", "transformers", "gptqmodel", "llama_cpp_python", "gguf")}}
 
 
-def gptqmodel_check(cfg, model, tok, windows, work: Path, max_windows: int) -> dict:
+def gptqmodel_check(cfg, model, tok, windows, work: Path, max_windows: int, ppl_grids: list[str]) -> dict:
     """GPTQModel loads ``gptq/`` at every grid; weights, logits and perplexity against qexp."""
     engines.require("gptqmodel")
     probe = windows[0, :64].tolist()
@@ -103,7 +104,7 @@ def gptqmodel_check(cfg, model, tok, windows, work: Path, max_windows: int) -> d
         for sym in (False, True):
             key = f"w{bits}g{GROUP}_{'sym' if sym else 'asym'}"
             m = merged(model, list(cfg.model.targets), QuantSpec(bits, GROUP, sym))
-            report = export_model(m, tok, work / key, ["gptq"], list(cfg.model.targets), "float16")
+            report = export_model(m, tok, work / key, ["gptq"], list(cfg.model.targets), "float16", verify=False)
             d = work / key / "gptq"
             g = engines.gptqmodel_load(d, torch.float16)
             ours = load(d, exact=False, dtype=torch.float16)  # what the format holds, as qexp reads it
@@ -113,10 +114,11 @@ def gptqmodel_check(cfg, model, tok, windows, work: Path, max_windows: int) -> d
             r = {"layers": len(wg), "weights_equal_qexp_reload_fp16": w_equal,
                  "logits_vs_merged": compare(hf_logits(g, probe), want),
                  "qexp_fp16_reload_logits_vs_merged": compare(hf_logits(ours, probe), want),
-                 "ppl_gptqmodel": perplexity(g, windows, windows.shape[1], max_windows)["ppl"],
-                 "ppl_qexp_merged": perplexity(m, windows, windows.shape[1], max_windows)["ppl"],
-                 "ppl_windows": min(max_windows, len(windows)),
                  "rounding": report["formats"]["gptq"]["rounding"], "sym_in_config": report["formats"]["gptq"]["sym"]}
+            if key in ppl_grids:  # float16 on CPU is slow: perplexity on the grids asked for
+                r |= {"ppl_gptqmodel": perplexity(g, windows, windows.shape[1], max_windows)["ppl"],
+                      "ppl_qexp_merged": perplexity(m, windows, windows.shape[1], max_windows)["ppl"],
+                      "ppl_windows": min(max_windows, len(windows))}
             out[key] = r
             _engines_into(work / key / "report.json", "gptqmodel", r)
             log.info("gptqmodel %s: %s", key, json.dumps({k: r[k] for k in list(r)[:6]}))
@@ -136,7 +138,8 @@ def llamacpp_check(cfg, model, tok, windows, work: Path, threads: list[int], rou
         files[key] = work / key / "gguf" / gguf_file.FILE
         r = _llama_quality(files[key], m, probe, windows)
         r |= {"grid": f"bits={spec.bits} group_size={GROUP} symmetric={spec.symmetric}",
-              "rounding": report["formats"]["gguf"]["rounding"], "bytes": files[key].stat().st_size}
+              "rounding": report["formats"]["gguf"]["rounding"], "bytes": files[key].stat().st_size,
+              "transformers_gguf_loader_vs_merged": report["formats"]["gguf"]["verify"]}
         out["files"][key] = r
         _engines_into(work / key / "report.json", "llama.cpp", r)
         if key == "Q4_1":  # the F16 GGUF of the same merged model: its dequantized weights
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--gptq-ppl-windows", type=int, default=8)
+    p.add_argument("--gptq-ppl-windows", type=int, default=1, help="GPTQModel perplexity windows (fp16 on CPU)")
+    p.add_argument("--gptq-ppl-grids", nargs="*", default=["w4g64_asym"])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(a.threads))
@@ -198,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(a.work or tmp)
         for engine in a.engines:
             rec = env() | {"model": cfg.model.name, "method": "rtn (min-max)", "group_size": GROUP,
-                           "probe_tokens": 64, "seqlen": int(windows.shape[1])}
+                           "probe_tokens": 64, "seqlen": int(windows.shape[1]), "argv": sys.argv[1:]}
             try:
                 if engine == "gptqmodel":
-                    rec["results"] = gptqmodel_check(cfg, model, tok, windows, work / engine, a.gptq_ppl_windows)
+                    rec["results"] = gptqmodel_check(cfg, model, tok, windows, work / engine, a.gptq_ppl_windows,
+                                                     a.gptq_ppl_grids)
                 else:
                     rec["results"] = llamacpp_check(cfg, model, tok, windows, work / engine, a.threads, a.rounds,
                                                     a.decode_tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def require(module: str):
 
 def gptqmodel_load(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A GPTQ checkpoint loaded by GPTQModel on CPU with its torch kernel (``BACKEND.TORCH``, which
-    computes in float16 or bfloat16 only)."""
+    computes in float16 or bfloat16 only), run eagerly (``TORCHDYNAMO_DISABLE=1`` unless set)."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the kernel eager: torch.compile on CPU recompiles per shape
     g = require("gptqmodel")
     return g.GPTQModel.load(str(path), device="cpu", backend=g.BACKEND.TORCH, dtype=dtype).model.eval()
 

@@ -69,16 +69,24 @@ def test_gguf_blocks_hold_the_exact_codes_and_transformers_loads_the_file(tmp_pa
     assert diff < 5e-3 and r["verify"]["max_abs_logit_diff_vs_merged"] < 5e-3
 
 
-def test_gguf_cell_writes_the_tokenizer_llama_cpp_reads(cfg_factory):
-    rec = run_cell(cfg_factory("method=rtn", "bits=4", "group_size=32", "export=gguf", "eval.base=false",
-                               "eval.max_windows=1", "export.verify=false"))
-    ours = gguf.GGUFReader(f"{rec['dir']}/export/gguf/{FILE}")
+def test_cli_exports_a_finished_cell_to_gguf_with_the_tokenizer_llama_cpp_reads(cfg_factory, capsys):
+    from qexp.export.__main__ import main
+    from qexp.results import cell_dir
+
+    cfg = cfg_factory("method=rtn", "bits=4", "group_size=32", "eval.base=false", "eval.max_windows=1")
+    run_cell(cfg)
+    assert main([str(cell_dir(cfg)), "--formats", "gguf"]) == 0
+    assert "gguf" in capsys.readouterr().out
+    report = json.loads((cell_dir(cfg) / "export" / "report.json").read_text())
+    assert report["rerun"]["matches_record"] and report["formats"]["gguf"]["types"] == {"Q4_1": 14}
+    ours = gguf.GGUFReader(str(cell_dir(cfg) / "export" / "gguf" / FILE))
     ref = gguf.GGUFReader(str(gguf_path(validate_model())))  # the packaged SmolLM2 GGUF (same tokenizer)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
         assert ours.get_field(key).contents() == ref.get_field(key).contents(), key
     assert ours.get_field("general.architecture").contents() == "llama"
     assert ours.get_field("llama.attention.head_count_kv").contents() == 2
+    assert report["formats"]["gguf"]["verify"]["max_abs_logit_diff_vs_merged"] < 1e-2
 
 
 def validate_model():

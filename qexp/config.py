@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 BITS = (2, 3, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 STAGES = ("fp", "base", "unmerged", "final")  # evaluation stages, in pipeline order
-INITS = ("rtn", "gptq", "omniquant", "blockap")  # quant.init: how the integer base is made
+INITS = ("rtn", "gptq", "omniquant", "blockap", "checkpoint")  # quant.init: how the integer base is made
 RANGE_METHODS = ("minmax", "lp", "icq")  # quant.range (icq: IR-QLoRA's entropy-maximising shift)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -85,6 +85,8 @@ class QuantConfig:
     """How the frozen base is quantized before a method attaches (RTN by default)."""
 
     init: str = "rtn"  # rtn | gptq | omniquant (LWC + block reconstruction) | blockap (EfficientQAT's Block-AP)
+    #                  | checkpoint (read the base from a GPTQ v1/v2 checkpoint at quant.path)
+    path: str | None = None  # quant.init=checkpoint: the GPTQ checkpoint directory
     sym: bool = False
     range: str = "minmax"  # minmax | lp (range search minimising sum |W - Q(W)|^p)
     p: float = 4.0
@@ -222,6 +224,9 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("method.name", cfg.method.get("name"), sorted(registry()))
     _choice("quant.init", cfg.quant.init, INITS)
+    if cfg.quant.init == "checkpoint" and (not cfg.quant.get("path") or cfg.quant.get("magr")):
+        raise ConfigError(f"quant.init=checkpoint needs quant.path=<a GPTQ checkpoint directory> (got "
+                          f"{cfg.quant.get('path')!r}) and no quant.magr (the checkpoint's codes are used as they are)")
     _choice("quant.range", cfg.quant.range, RANGE_METHODS)
     _choice("tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
     from .data.formats import FORMATS  # late: data imports config
@@ -249,7 +254,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("export") is not None:
         from .export import check  # late: export imports methods
 
-        check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding)
+        check(list(cfg.export.formats), cfg.bits, cfg.export.dtype, cfg.export.zero_rounding, cfg.group_size)
 
 
 def calibrated_stages(quant: Any) -> list[str]:

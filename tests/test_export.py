@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from qexp.config import ConfigError, validate
 from qexp.export import ExportError, check, export_model, load
 from qexp.export.__main__ import export_cell, main
-from qexp.export.pack import pack
+from qexp.export.common import pack, unpack
 from qexp.methods import registry
 from qexp.models import set_module
 from qexp.quant import QuantLinear, QuantSpec, rtn
@@ -80,6 +80,8 @@ def test_pack_matches_independent_bit_array_unpacker(bits):
     v = torch.randint(0, 2**bits, (5, 64), generator=torch.Generator().manual_seed(bits))
     assert torch.equal(values(pack(v, bits, dim=1), bits, 64), v)
     assert torch.equal(values(pack(v.T, bits, dim=0).T, bits, 64), v)  # along dim 0 too (GPTQ qweight)
+    assert torch.equal(unpack(pack(v, bits, dim=1), bits, dim=1, n=64), v)
+    assert torch.equal(unpack(pack(v.T, bits, dim=0), bits, dim=0, n=64), v.T)
     with pytest.raises(ValueError, match="outside"):
         pack(v + 2**bits, bits, dim=1)
 

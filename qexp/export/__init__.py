@@ -5,8 +5,12 @@
 
 * ``gptq/``: GPTQ v2 (``checkpoint_format: gptq_v2``), 2/3/4/8 bits (:mod:`.gptq`);
 * ``compressed/``: compressed-tensors ``pack-quantized``, 4/8 bits (:mod:`.compressed`);
+* ``gguf/``: ``model.gguf`` for llama.cpp, Q4_1 (bits <= 4) / Q8_0 (8-bit symmetric) with the
+  exact codes (:mod:`.gguf_file`); asked for by name, not part of ``all``;
 * ``fp16/``: the dequantized model in ``export.dtype``, always (plain transformers checkpoint);
 * ``adapter/``: base + adapter state of layers that are not on the grid (LoRA, QLoRA, QWHA);
+* ``peft/``: for LoRA-type adapters (lora, qlora, cloq) the base checkpoint + a PEFT adapter
+  that ``PeftModel.from_pretrained`` loads (:mod:`.peft_adapter`);
 * ``report.json``: sizes vs the fp16 model, rounding, verification, what was skipped and why.
 
 Each directory holds ``config.json`` (with ``quantization_config``), the tokenizer and
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,21 +39,25 @@ from ..config import ConfigError
 from ..methods import MethodLayer
 from ..models import set_module
 from ..quant import QuantLinear, QuantSpec, QuantWeight, fp_linear
-from . import compressed, gptq
+from . import compressed, gguf_file, gptq, peft_adapter
 from .checkpoint import EXACT, META, WEIGHTS, float_state, load, save
 from .common import ExportError, WeightError, integer_zeros, signed_back, storage_errors, unsigned
 
 __all__ = ["ExportError", "adapters", "check", "export_model", "load", "write"]
 
-FORMATS = ("gptq", "compressed", "fp16")
+FORMATS = ("gptq", "compressed", "gguf", "fp16")
+ALL = ("gptq", "compressed", "fp16")  # export=all (gguf needs a llama-graph model: asked for by name)
 PACKED = {"gptq": gptq, "compressed": compressed}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ZERO_ROUNDING = ("report", "refuse")
 
 
-def check(formats: list[str], bits: int, dtype: str = "float16", zero_rounding: str = "report") -> None:
+def check(formats: list[str], bits: int, dtype: str = "float16", zero_rounding: str = "report",
+          group_size: int | None = None) -> None:
     """Fail fast on an export that cannot be written (names the key, value and choices)."""
     for f in formats:
+        if f == "gguf" and group_size is not None:
+            gguf_file.check(bits, group_size)
         if f not in (*FORMATS, "all"):
             raise ConfigError(f"export.formats: {f!r} is not valid; choose from: {', '.join(FORMATS)}, all")
         if f in PACKED and bits not in PACKED[f].BITS:
@@ -88,13 +97,27 @@ def write(model: nn.Module, tok, rec: dict, cfg, adapter_state: dict | None = No
     source = {"cell_id": rec["cell_id"], "cell_dir": rec["dir"], "method": cfg.method.name,
               "model": cfg.model.name, "bits": cfg.bits, "group_size": cfg.group_size, "merge": rec["merge"]}
     out = Path(e.dir) if e.dir else Path(rec["dir"]) / "export"
+    pre = _tokenizer_pre(cfg.model) if "gguf" in e.formats else "default"
     return export_model(model, tok, out, list(e.formats), list(cfg.model.targets), e.dtype, e.zero_rounding,
-                        source, adapter_state, e.verify)
+                        source, adapter_state, e.verify, pre)
+
+
+def _tokenizer_pre(model_cfg) -> str:
+    """llama.cpp's pre-tokenizer name: the one in the model's own GGUF (embedded models), else
+    ``default`` (llama.cpp's GPT-2 split; the report says which)."""
+    if model_cfg.source != "embedded":
+        return "default"
+    import gguf
+
+    from ..models import gguf_path
+
+    field = gguf.GGUFReader(str(gguf_path(model_cfg))).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else "default"
 
 
 def export_model(model: nn.Module, tok, out: str | Path, formats: list[str], targets: list[str],
                  dtype: str = "float16", zero_rounding: str = "report", source: dict | None = None,
-                 adapter_state: dict | None = None, verify: bool = True) -> dict:
+                 adapter_state: dict | None = None, verify: bool = True, tokenizer_pre: str = "default") -> dict:
     """Write ``formats`` (plus the dense fp16 checkpoint, always) of a merged ``model`` whose
     adapted linears are named by the leaf names ``targets``; return the report."""
     out = Path(out)
@@ -102,29 +125,42 @@ def export_model(model: nn.Module, tok, out: str | Path, formats: list[str], tar
     if not mods:
         raise ExportError(f"targets={targets} match no module of this model")
     check(formats, 4, dtype, zero_rounding)  # names and switches (bit widths below, once known)
-    wanted = list(FORMATS) if "all" in formats else [f for f in FORMATS if f in formats or f == "fp16"]
+    wanted = [f for f in FORMATS if f in formats or f == "fp16" or ("all" in formats and f in ALL)]
     integer = all(isinstance(m, QuantLinear) for m in mods.values())
     if integer:
-        check([f for f in wanted if f in PACKED], next(iter(mods.values())).spec.bits)
+        spec = next(iter(mods.values())).spec
+        check([f for f in wanted if f in (*PACKED, "gguf")], spec.bits, group_size=spec.group_size)
+        if "gguf" in wanted:  # before any file is written: every layer's grid fits a block type
+            gguf_file.check_model(model)
+            for n, m in mods.items():
+                gguf_file.block_type(m.qweight, n)
     report: dict = {"dir": str(out), "dtype": dtype, "source": source or {}, "formats": {}, "skipped": {},
                     "notes": _notes(mods, integer, source or {}, bool(adapter_state))}
     fp16_bytes = _fp16_bytes(model, mods)
     merged = _logits(model, next(model.parameters()).device) if verify else None  # the reference, once
     for fmt in wanted:
         path = out / fmt
-        if fmt in PACKED and not integer:
+        if fmt in (*PACKED, "gguf") and not integer:
             report["skipped"][fmt] = ("the adapted layers are not integer codes (not on the grid): "
                                       "fp16/ holds the merged dense model, adapter/ the base + adapter")
             continue
         _clear(path)
-        write_fmt = _write_packed if fmt in PACKED else _write_dense
-        r = write_fmt(fmt, model, tok, mods, path, DTYPES[dtype], zero_rounding, merged)
-        r["size"] = _sizes(path, r.pop("linear_bytes"), r.pop("linear_weights"), fp16_bytes)
+        if fmt == "gguf":
+            r = _write_gguf(model, tok, mods, path, merged, tokenizer_pre)
+        else:
+            write_fmt = _write_packed if fmt in PACKED else _write_dense
+            r = write_fmt(fmt, model, tok, mods, path, DTYPES[dtype], zero_rounding, merged)
+        r["size"] = _sizes(path, r.pop("linear_bytes"), r.pop("linear_weights"), fp16_bytes,
+                           gguf_file.FILE if fmt == "gguf" else WEIGHTS)
         meta = {"format": fmt, "dtype": dtype, "source": source or {}, **r}
         (path / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         report["formats"][fmt] = r
     if adapter_state:
         report["adapter"] = _write_adapter(out / "adapter", adapter_state)
+        _clear(out / "peft")
+        report["peft"] = peft_adapter.write(out / "peft", model, tok, adapter_state, DTYPES[dtype])
+        if (out / "peft").exists():
+            (out / "peft" / META).write_text(json.dumps({"format": "peft", **report["peft"]}) + "\n")
     report["fp16_model_bytes"] = fp16_bytes
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -208,6 +244,35 @@ def _write_packed(fmt: str, model: nn.Module, tok, mods: dict[str, QuantLinear],
     (path / META).write_text(json.dumps({"format": fmt, "spec": r["spec"]}) + "\n")
     if merged is not None:
         r["verify"] = _verify_packed(model, merged, mods, path, dt, stored)
+    return r
+
+
+def _write_gguf(model: nn.Module, tok, mods: dict[str, QuantLinear], path: Path, merged: Tensor | None,
+                pre: str) -> dict:
+    """``gguf/model.gguf``: exact codes, fp16 ``d = s`` and ``m = -s·z`` (the only rounding,
+    reported against the merged weights); verified by transformers' own GGUF loader."""
+    written = gguf_file.write(path, model, tok, {n: m.qweight for n, m in mods.items()},
+                              float_state(model, set(mods), torch.float32), pre)
+    err = WeightError()
+    for n, m in mods.items():
+        exact = m.weight_fp().double()
+        d = torch.from_numpy(written["stored"][n]) - exact
+        err.add(float(d.abs().max()), float((d * d).sum()), float((exact * exact).sum()))
+    block = {"Q4_1": 20, "Q8_0": 34}
+    r = {"types": dict(sorted(Counter(written["types"].values()).items())), "tokenizer": tok is not None,
+         "tokenizer_pre": pre if tok is not None else None,
+         "float_tensors": "F16 (embeddings, lm_head), F32 (norms)",
+         "rounding": {"fp16_d_and_m": err.summary()},
+         "linear_bytes": sum(m.in_features * m.out_features // gguf_file.BLOCK * block[written["types"][n]]
+                             for n, m in mods.items()),
+         "linear_weights": sum(m.in_features * m.out_features for m in mods.values())}
+    (path / META).write_text(json.dumps({"format": "gguf", "spec": asdict(next(iter(mods.values())).spec)}) + "\n")
+    if merged is not None:  # an independent reader: transformers dequantizes with the gguf package
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file.FILE, dtype=_dtype(model)).eval()
+        r["verify"] = {"loader": "transformers (gguf_file=)", "max_abs_logit_diff_vs_merged":
+                       float((_logits(loaded, next(model.parameters()).device) - merged).abs().max())}
     return r
 
 
@@ -310,9 +375,9 @@ def _fp16_bytes(model: nn.Module, mods: dict) -> int:
     return 2 * n
 
 
-def _sizes(path: Path, linear_bytes: int, linear_weights: int, fp16_bytes: int) -> dict:
+def _sizes(path: Path, linear_bytes: int, linear_weights: int, fp16_bytes: int, weights: str = WEIGHTS) -> dict:
     files = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-    w = files[WEIGHTS]
+    w = files[weights]
     return {"weights_bytes": w, "vs_fp16": round(w / fp16_bytes, 4), "dir_bytes": sum(files.values()),
             "exact_sidecar_bytes": files.get(EXACT.as_posix(), 0), "linear_bytes": linear_bytes,
             "linear_bits_per_weight": round(8 * linear_bytes / linear_weights, 4)}
@@ -325,4 +390,5 @@ def _write_adapter(path: Path, state: dict[str, dict]) -> dict:
     layers = {n: {"class": s["class"], "attrs": s["attrs"], "tensors": sorted(s["tensors"])} for n, s in state.items()}
     (path / "adapter.json").write_text(json.dumps(layers, indent=2) + "\n")
     return {"layers": len(state), "bytes": (path / "adapter.safetensors").stat().st_size,
-            "what": "base + adapter state of each adapted layer before merge (not loadable by PEFT as is)"}
+            "what": "base + adapter state of each adapted layer before merge (qexp's format; LoRA-type "
+                    "adapters also go to peft/)"}

@@ -1,4 +1,4 @@
-"""``python -m qexp.export <cell dir> [--formats gptq compressed fp16]``: export a finished cell.
+"""``python -m qexp.export <cell dir> [--formats gptq compressed gguf fp16]``: export a finished cell.
 
 Cells do not keep model weights, so this re-creates the merged model by rerunning the cell's
 recorded config (same seed, deterministic; into a temporary results dir, nothing of the
@@ -65,8 +65,10 @@ def summary(report: dict) -> str:
     for fmt, r in report["formats"].items():
         s, v = r["size"], r.get("verify", {})
         ok = v.get("logits_equal", v.get("exact", {}).get("logits_equal"))
+        check = (f"reload logits equal: {ok}" if ok is not None else
+                 f"{v['loader']} max |Δlogit| vs merged: {v['max_abs_logit_diff_vs_merged']:.3g}" if v else "")
         lines.append(f"  {fmt:<10} {s['weights_bytes'] / 2**20:8.2f} MiB  {s['vs_fp16']:.3f}× fp16  "
-                     f"linears {s['linear_bits_per_weight']:.2f} bits/weight  reload logits equal: {ok}")
+                     f"linears {s['linear_bits_per_weight']:.2f} bits/weight  {check}")
     lines += [f"  {fmt:<10} skipped: {why}" for fmt, why in report["skipped"].items()]
     lines += [f"  note: {n}" for n in report["notes"]]
     if "rerun" in report:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from torch import Tensor
 
 from ..quant import QuantSpec, QuantWeight
@@ -15,6 +16,30 @@ from ..quant.grid import grouped
 
 class ExportError(ValueError):
     """An export that cannot be written as asked; the message says why and what to do."""
+
+
+def pack(values: Tensor, bits: int, dim: int) -> Tensor:
+    """Pack unsigned ``values`` in ``[0, 2^bits)`` along ``dim`` into int32 words with
+    compressed-tensors' ``pack_to_int32``: value ``i`` at bit ``i·b`` of a little-endian stream,
+    straddling words where needed (2/4/8 bits: ``32/b`` values per word; 3 bits: GPTQ's
+    32-values-in-3-words layout). Whole words only: every format here needs them."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: packing supports 1..8 bits")
+    n = values.shape[dim]
+    if (n * bits) % 32:
+        raise ValueError(f"{n} values of {bits} bits do not fill whole int32 words (need a multiple of "
+                         f"{32 // math.gcd(32, bits)})")
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
+        raise ValueError(f"values span [{int(values.min())}, {int(values.max())}], outside [0, {(1 << bits) - 1}]")
+    signed = (values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)  # the library's offset convention
+    return pack_to_int32(signed, bits, packed_dim=dim).contiguous()
+
+
+def unpack(words: Tensor, bits: int, dim: int, n: int) -> Tensor:
+    """Inverse of :func:`pack`: ``n`` unsigned values per line along ``dim`` (int64)."""
+    shape = list(words.shape)
+    shape[dim] = n
+    return unpack_from_int32(words, bits, torch.Size(shape), packed_dim=dim).to(torch.int64) + (1 << (bits - 1))
 
 
 def check_words(fmt: str, name: str, d_out: int, d_in: int, bits: int, hint: str = "") -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import check_words
-from .pack import pack, unpack
+from .common import check_words, pack, unpack
 
 BITS = (4, 8)
 METHOD = "compressed-tensors"

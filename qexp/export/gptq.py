@@ -1,7 +1,7 @@
 """GPTQ v2 checkpoint tensors (GPTQModel's ``checkpoint_format: gptq_v2``).
 
 Per linear ``<name>``: ``qweight`` int32 ``[d_in·b/32, d_out]`` (codes of ``Wᵀ`` packed along
-the input dim, :mod:`.pack` layout incl. 3-bit), ``qzeros`` int32 ``[n_groups, d_out·b/32]``
+the input dim, :func:`.common.pack` layout incl. 3-bit), ``qzeros`` int32 ``[n_groups, d_out·b/32]``
 (integer zero points packed along the output dim; v2 stores the zero itself, v1 stored
 ``zero - 1``), ``scales`` ``[n_groups, d_out]`` in the export dtype, ``g_idx`` int32 ``[d_in]``
 (``i // group_size``: qexp's groups are contiguous, ``desc_act: false``) and ``bias``.
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import ExportError, check_words
-from .pack import pack, unpack
+from .common import ExportError, check_words, pack, unpack
 
 BITS = (2, 3, 4, 8)
 METHOD = "gptq"

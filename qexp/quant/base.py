@@ -21,14 +21,19 @@ def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets:
                    calib: Callable[[], Tensor], cache_dir: Path | None = None) -> BaseQuantizer:
     """The base's stages: preprocess (none | MagR, ``quant.magr`` | AWQ, ``quant.awq``), then range and
     round (``quant.init``: RTN with a min-max / Lp / ICQ range, GPTQ, OmniQuant's learned clipping, or
-    EfficientQAT's Block-AP); ``calib()`` gives calibration token ids.
+    EfficientQAT's Block-AP); or read it from a GPTQ checkpoint (``quant.init=checkpoint``,
+    ``quant.path``: no preprocessing, no rounding); ``calib()`` gives calibration token ids.
 
     GPTQ results are kept in ``cache_dir`` (when given) and reused by any later cell with the
     same weights, calibration ids, settings and GPTQ code (see :func:`.gptq.gptq_quantizer`).
     MagR and AWQ's clipping change only what the rounding sees: the method still gets the fp
     ``linear`` (AWQ's channel scaling is folded into the model itself, an equivalent fp model)."""
-    if cfg.init not in ("rtn", "gptq", "omniquant", "blockap"):
-        raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn', 'gptq', 'omniquant' or 'blockap'")
+    if cfg.init not in ("rtn", "gptq", "omniquant", "blockap", "checkpoint"):
+        raise ValueError(f"quant.init={cfg.init!r}: choose 'rtn', 'gptq', 'omniquant', 'blockap' or 'checkpoint'")
+    if cfg.init == "checkpoint":  # source: an existing GPTQ checkpoint
+        from .checkpoint import checkpoint_quantizer
+
+        return checkpoint_quantizer(getattr(cfg, "path", None), spec, targets)
     magr, awq = getattr(cfg, "magr", False), getattr(cfg, "awq", False)  # hand-built configs may not name them
     if magr and awq:
         raise ValueError("quant.magr=true and quant.awq=true: choose one preprocessing stage")

@@ -98,7 +98,7 @@ def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():
 
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
-    assert len(cells) == 5 * 3 * 2
+    assert len(cells) == 7 * 3 * 2  # rtn, gptq, OmniQuant, AWQ, peqa, qat, lrqat
     assert {c.cfg.model.name for c in cells} == {"llama2_7b"}
     with pytest.raises(ConfigError, match="--multirun"):
         compose_cells(["method=peqa,lora"], multirun=False)

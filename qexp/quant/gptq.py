@@ -168,9 +168,10 @@ class _Stop(Exception):
 
 
 def _first_block_inputs(model: nn.Module, first: nn.Module, calib_ids: Tensor,
-                        batch: int = CALIB_BATCH) -> list[tuple[tuple, dict]]:
-    """``(args, kwargs)`` of the first block for each calibration batch of ``batch`` sequences (the
-    model stops there)."""
+                        batch: int | None = None) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of the first block for each calibration batch of ``batch`` sequences
+    (default :data:`CALIB_BATCH`, read at call time; the model stops there)."""
+    batch = batch or CALIB_BATCH
     captured: list[tuple[tuple, dict]] = []
 
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -227,7 +227,8 @@ def test_bad_formats_and_bit_widths_are_clear_errors(cfg_factory):
     with pytest.raises(ConfigError, match="export.formats: compressed cannot hold bits=3; compressed supports "
                                           "bits 4, 8 .*vLLM"):
         validate(cfg_factory("export=compressed", "bits=3"))
-    with pytest.raises(ConfigError, match="export.formats: 'awq' is not valid; choose from: gptq, compressed, gguf, fp16, all"):
+    with pytest.raises(ConfigError,
+                       match="export.formats: 'awq' is not valid; choose from: gptq, compressed, gguf, fp16, all"):
         check(["awq"], 4)
     with pytest.raises(ConfigError, match="export.dtype='int8' is not valid"):
         check(["gptq"], 4, dtype="int8")

@@ -7,6 +7,7 @@ import pytest
 from qexp.config import ConfigError, validate
 from qexp.methods import registry
 from qexp.run import run_cell
+from tests.test_export import check_export_report
 
 FAST = ["train.steps=2", "eval.base=false", "eval.max_windows=1"]
 # On the grid, but the merge moves the adapter into float zero points: equal in real arithmetic
@@ -26,8 +27,11 @@ def _check_cell(rec: dict, name: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(registry()))
-def test_every_method_runs_in_bf16(cfg_factory, name):
-    _check_cell(run_cell(cfg_factory(f"method={name}", "model.dtype=bfloat16", *FAST)), name, "bfloat16")
+def test_every_method_runs_in_bf16_and_exports(cfg_factory, name):
+    """One bf16 cell per method: trains, merges honestly, evaluates, and exports (export=gptq)."""
+    rec = run_cell(cfg_factory(f"method={name}", "model.dtype=bfloat16", "export=gptq", *FAST))
+    _check_cell(rec, name, "bfloat16")
+    check_export_report(rec)
 
 
 # one method per fp16 code path (LoRA factors, QAT's master weight, L4Q's autograd, LR-QAT's

@@ -157,7 +157,8 @@ class Planner:
         peaks: dict[str, dict[int, float]] = {}
         traces: dict[int, list[int]] = {}  # live bytes after each op of forward + backward, per τ
         secs: dict[str, float] = {}
-        rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "grid": min(cfg.quant.grid, 2)})
+        rtn_base = OmegaConf.merge(cfg.quant, {"init": "rtn", "grid": min(cfg.quant.grid, 2),
+                                               "magr_iters": min(cfg.quant.get("magr_iters", 2), 2)})
         mem = TensorMemory(self.device)
 
         def stage(name: str, tau: int | None, fn) -> None:

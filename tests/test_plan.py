@@ -96,6 +96,18 @@ def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():
     assert peaks[0] == pytest.approx(peaks[1]) and peaks[0] > 0
 
 
+def test_the_plan_runs_two_magr_steps_in_every_stage(monkeypatch):
+    """Base and attach both run MagR's 2-step shortcut (200 steps at 14336 wide take hours)."""
+    import qexp.quant.magr as magr_module
+
+    seen, real = [], magr_module.magr
+    monkeypatch.setattr(magr_module, "magr", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    for method in ("gptq", "qwha"):
+        cfg = compose_cfg(method, ["model=tiny_random", "quant.init=gptq", "quant.magr=true"])
+        Planner().measure(cfg, arch_config(cfg), 1)
+    assert seen and set(seen) == {2}, seen
+
+
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
     assert len(cells) == 7 * 3 * 2  # rtn, gptq, OmniQuant, AWQ, peqa, qat, lrqat

@@ -135,7 +135,10 @@ def test_plan_cli_writes_tables_and_json_and_updates_them(tmp_path, capsys):
 
 
 def test_hub_model_without_a_readable_config_names_the_model_and_the_fix(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: no network wait
     cfg = compose_cfg("peqa", ["model=llama2_7b", "model.name=my_llama", "model.path=nobody/no-such-model"])
     with pytest.raises(ConfigError, match=r"model=my_llama: cannot read the config .*model.path=/dir/with/config.json"):
         arch_config(cfg)

@@ -18,7 +18,9 @@ cells that use it (bits change code values, not shapes), and the attach, train, 
 stages then start from an RTN base of the cell's own grid (RTN runs inside attach, one layer at
 a time, as in a real run); a range search scans 2 candidates instead of ``quant.grid`` (it holds
 one at a time); MagR runs 2 of its ``quant.magr_iters`` proximal steps (each step allocates the
-same tensors; 200 steps of a 14336² matmul take hours on a CPU); cells that differ only in bits
+same tensors; 200 steps of a 14336² matmul take hours on a CPU), and its step size, the largest
+eigenvalue of ``XᵀX``, comes from power iteration in buffers of ``eigvalsh``'s sizes (an fp64
+``eigvalsh`` at 14336 takes over 10 minutes on 2 CPU cores, seconds on a GPU); cells that differ only in bits
 share one measurement (the test checks that bits leave every method's bytes unchanged, but
 QWHA's, whose AdaAlloc budget split moves them by < 0.5 %). One assumption, to save a fourth
 GPTQ run: GPTQ works block by block, so its calibration activations do not grow with layers (no
@@ -42,11 +44,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from . import adapt, models
@@ -56,6 +60,7 @@ from .config import ConfigError, check_group_size, method_config, register, vali
 from .eval import perplexity
 from .methods import get as get_method
 from .quant import QuantSpec
+from .quant import magr as magr_module
 from .quant.base import base_quantizer
 from .quant.gptq import CALIB_BATCH
 from .train import _activation_checkpointing as activation_checkpointing
@@ -84,6 +89,20 @@ def arch_config(cfg: DictConfig) -> PretrainedConfig:
                 f"Give a local config: model.path=/dir/with/config.json (the config alone is enough), or "
                 f"put it at {local}") from None
     return AutoConfig.from_pretrained(str(local))
+
+
+@torch.no_grad()
+def planned_top_eigenvalue(h: Tensor, steps: int = 30) -> Tensor:
+    """:func:`qexp.quant.magr.top_eigenvalue`'s memory (the fp64 copy, ``eigvalsh``'s LAPACK copy
+    and its eigenvalues: ``tests/test_plan.py`` checks the peak) with a power-iteration value."""
+    d = h.double()
+    work = d.clone()  # noqa: F841  (eigvalsh works on a copy)
+    values = torch.empty(d.shape[0], dtype=d.dtype, device=d.device)  # noqa: F841
+    v = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+    for _ in range(steps):
+        v = d @ v
+        v = v / v.norm().clamp_min(1e-300)
+    return (v @ (d @ v)).float()
 
 
 @dataclass
@@ -169,7 +188,7 @@ class Planner:
                 peaks.setdefault(name, {})[t] = mem.peak()
             secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
 
-        with mem:
+        with mem, mock.patch.object(magr_module, "top_eigenvalue", planned_top_eigenvalue):
             model = mem.adopt(self.build(arch, dtype, k))
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))

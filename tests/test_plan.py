@@ -108,6 +108,21 @@ def test_the_plan_runs_two_magr_steps_in_every_stage(monkeypatch):
     assert seen and set(seen) == {2}, seen
 
 
+def test_planned_eigenvalue_holds_eigvalshs_memory_and_approximates_it():
+    from qexp.plan import planned_top_eigenvalue
+    from qexp.quant.magr import top_eigenvalue
+
+    x = torch.randn(512, 300)
+    h = x.T @ x
+    peaks, values = [], []
+    for fn in (top_eigenvalue, planned_top_eigenvalue):
+        with TensorMemory() as mem:
+            values.append(fn(h).item())
+            peaks.append(mem.peak())
+    assert peaks[1] == pytest.approx(peaks[0], rel=0.01) and peaks[0] > 2 * 300 * 300 * 8 / MB
+    assert values[1] == pytest.approx(values[0], rel=0.05)
+
+
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
     assert len(cells) == 7 * 3 * 2  # rtn, gptq, OmniQuant, AWQ, peqa, qat, lrqat

@@ -47,12 +47,17 @@ def prox_linf(v: Tensor, alpha: float, group: int) -> Tensor:
     return (g - alpha * project_l1_ball(g / alpha)).reshape(v.shape)
 
 
+def top_eigenvalue(h: Tensor) -> Tensor:
+    """The largest eigenvalue of the symmetric ``h`` (fp64 ``eigvalsh``, as fp32)."""
+    return torch.linalg.eigvalsh(h.double())[-1].float()
+
+
 @torch.no_grad()
 def magr(w: Tensor, xtx: Tensor, group_size: int, alpha: float = 1e-4, iters: int = 200) -> Tensor:
     """The MagR weight for ``w [d_out, d_in]`` given ``xtx = XᵀX`` (any positive scale); fp32."""
     w0 = w.detach().float()
     h = xtx.detach().float()
-    top = torch.linalg.eigvalsh(h.double())[-1].float()
+    top = top_eigenvalue(h)
     if not torch.isfinite(top) or top <= 0:
         return w0.clone()
     h = h / top

@@ -20,7 +20,8 @@ a time, as in a real run); a range search scans 2 candidates instead of ``quant.
 one at a time); MagR runs 2 of its ``quant.magr_iters`` proximal steps (each step allocates the
 same tensors; 200 steps of a 14336² matmul take hours on a CPU), and its step size, the largest
 eigenvalue of ``XᵀX``, comes from power iteration in buffers of ``eigvalsh``'s sizes (an fp64
-``eigvalsh`` at 14336 takes over 10 minutes on 2 CPU cores, seconds on a GPU); cells that differ only in bits
+``eigvalsh`` at 14336 takes over 10 minutes on 2 CPU cores, seconds on a GPU); CLoQ's ``eigh`` of
+the Hessian returns same-sized stand-ins (``SHORTCUTS`` lists the swapped functions); cells that differ only in bits
 share one measurement (the test checks that bits leave every method's bytes unchanged, but
 QWHA's, whose AdaAlloc budget split moves them by < 0.5 %). One assumption, to save a fourth
 GPTQ run: GPTQ works block by block, so its calibration activations do not grow with layers (no
@@ -35,6 +36,7 @@ lm-eval's own batches (``eval.lm_eval_batch_size``), and host memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -58,6 +60,7 @@ from .bench.measure import MB, TensorMemory
 from .bench.worker import Trainer
 from .config import ConfigError, check_group_size, method_config, register, validate
 from .eval import perplexity
+from .methods import cloq as cloq_module
 from .methods import get as get_method
 from .quant import QuantSpec
 from .quant import magr as magr_module
@@ -103,6 +106,17 @@ def planned_top_eigenvalue(h: Tensor, steps: int = 30) -> Tensor:
         v = d @ v
         v = v / v.norm().clamp_min(1e-300)
     return (v @ (d @ v)).float()
+
+
+def planned_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``'s outputs at their sizes (``tests/test_plan.py`` checks the peak): the
+    diagonal as eigenvalues and the identity as eigenvectors (an fp64 ``eigh`` at 14336 takes tens
+    of minutes on a CPU)."""
+    return h.diagonal().clone(), torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+# Exact for memory, not for values: the functions a plan swaps (the module doc says why).
+SHORTCUTS = {(magr_module, "top_eigenvalue"): planned_top_eigenvalue, (cloq_module, "eigh"): planned_eigh}
 
 
 @dataclass
@@ -188,7 +202,9 @@ class Planner:
                 peaks.setdefault(name, {})[t] = mem.peak()
             secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
 
-        with mem, mock.patch.object(magr_module, "top_eigenvalue", planned_top_eigenvalue):
+        with mem, contextlib.ExitStack() as swapped:
+            for (module, name), planned in SHORTCUTS.items():
+                swapped.enter_context(mock.patch.object(module, name, planned))
             model = mem.adopt(self.build(arch, dtype, k))
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))

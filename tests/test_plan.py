@@ -123,6 +123,20 @@ def test_planned_eigenvalue_holds_eigvalshs_memory_and_approximates_it():
     assert values[1] == pytest.approx(values[0], rel=0.05)
 
 
+def test_planned_eigh_holds_eighs_memory():
+    from qexp.plan import planned_eigh
+
+    x = torch.randn(400, 300, dtype=torch.float64)
+    h = x.T @ x
+    peaks = []
+    for fn in (torch.linalg.eigh, planned_eigh):
+        with TensorMemory() as mem:
+            lam, vecs = fn(h)
+            peaks.append(mem.peak())
+        assert lam.shape == (300,) and vecs.shape == (300, 300)
+    assert peaks[1] == pytest.approx(peaks[0], rel=0.01) and peaks[0] >= 300 * 300 * 8 / MB
+
+
 def test_paper_sweep_expands_to_its_grid():
     cells = compose_cells(["+experiment=lrqat_t4_paper"], multirun=True)
     assert len(cells) == 7 * 3 * 2  # rtn, gptq, OmniQuant, AWQ, peqa, qat, lrqat

@@ -76,12 +76,18 @@ class CLoQLinear(MethodLayer):
         return CLoQDeployed(self.base, self.lora_A, self.lora_B, self.scaling)
 
 
+def eigh(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of the symmetric ``h`` (``torch.linalg.eigh``; the memory plan
+    swaps in a same-sized stand-in)."""
+    return torch.linalg.eigh(h)
+
+
 @torch.no_grad()
 def cloq_factors(delta_q: Tensor, hess: Tensor, rank: int, damp: float) -> tuple[Tensor, Tensor]:
     """``B [d_out, r]``, ``A [r, d_in]`` with ``BA`` the best rank-r fit of ``ΔW_Q`` in the ``X`` metric."""
     h = hess.double()
     d_in = h.shape[0]
-    lam, vecs = torch.linalg.eigh(h + damp * h.diagonal().mean() * torch.eye(d_in, dtype=h.dtype, device=h.device))
+    lam, vecs = eigh(h + damp * h.diagonal().mean() * torch.eye(d_in, dtype=h.dtype, device=h.device))
     lam = lam.clamp(min=lam.max() * 1e-12)
     r_t = vecs * lam.sqrt()  # Rᵀ = V Λ^½
     u, s, vh = torch.linalg.svd(delta_q.double() @ r_t, full_matrices=False)

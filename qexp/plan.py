@@ -119,6 +119,15 @@ def planned_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
 SHORTCUTS = {(magr_module, "top_eigenvalue"): planned_top_eigenvalue, (cloq_module, "eigh"): planned_eigh}
 
 
+@contextlib.contextmanager
+def shortcuts():
+    """Every function of ``SHORTCUTS`` swapped for its planned stand-in."""
+    with contextlib.ExitStack() as swapped:
+        for (module, name), planned in SHORTCUTS.items():
+            swapped.enter_context(mock.patch.object(module, name, planned))
+        yield
+
+
 @dataclass
 class Cell:
     cfg: DictConfig
@@ -202,9 +211,7 @@ class Planner:
                 peaks.setdefault(name, {})[t] = mem.peak()
             secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
 
-        with mem, contextlib.ExitStack() as swapped:
-            for (module, name), planned in SHORTCUTS.items():
-                swapped.enter_context(mock.patch.object(module, name, planned))
+        with mem, shortcuts():
             model = mem.adopt(self.build(arch, dtype, k))
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))
@@ -261,7 +268,7 @@ class Planner:
                 stage("eval", t, lambda t=t: perplexity(model, ids[t].reshape(-1), t, 1, 1))
         model = targets = None  # host memory: the twin below is another full model
         if method.NEEDS_CALIB:  # the calibration forwards at τ2 too, on a fresh copy
-            with TensorMemory(self.device) as mem2:
+            with TensorMemory(self.device) as mem2, shortcuts():
                 twin = mem2.adopt(self.build(arch, dtype, k))
                 twin_targets = models.targets(twin, list(cfg.model.targets))
                 fresh = get_method(cfg.method.name)(method_config(cfg), spec)

@@ -211,8 +211,9 @@ class Planner:
                 peaks.setdefault(name, {})[t] = mem.peak()
             secs[name] = secs.get(name, 0.0) + time.perf_counter() - t0
 
+        model = self.build(arch, dtype, k)  # outside the meter: its init's temporaries are no stage
         with mem, shortcuts():
-            model = mem.adopt(self.build(arch, dtype, k))
+            model = mem.adopt(model)
             peaks["load"] = {t: mem.peak() for t in self.tokens}
             targets = models.targets(model, list(cfg.model.targets))
             check_group_size(cfg.group_size, {n: t.in_features for n, t in targets.items()})
@@ -268,8 +269,10 @@ class Planner:
                 stage("eval", t, lambda t=t: perplexity(model, ids[t].reshape(-1), t, 1, 1))
         model = targets = None  # host memory: the twin below is another full model
         if method.NEEDS_CALIB:  # the calibration forwards at τ2 too, on a fresh copy
+            twin = self.build(arch, dtype, k)
             with TensorMemory(self.device) as mem2, shortcuts():
-                twin = mem2.adopt(self.build(arch, dtype, k))
+                mem2.adopt(twin)
+                mem2.reset_peak()  # the attach stage alone, as above
                 twin_targets = models.targets(twin, list(cfg.model.targets))
                 fresh = get_method(cfg.method.name)(method_config(cfg), spec)
                 adapt.attach(twin, fresh, twin_targets, rtn_base, lambda: ids[t2], None)

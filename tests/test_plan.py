@@ -64,8 +64,13 @@ def test_one_and_two_layers_predict_four_and_six(method):
         for stage in ("load", "base", "attach", "train", "optimizer", "eval"):
             if stage in measured:  # base: GPTQ only (lota, qwha)
                 pred = extrapolate(runs, stage, k, 128, small.layers, small.tokens)
-                # the optimizer phase is a few MB here; QWHA's per-layer coefficient counts vary (3 % at 6 layers)
-                rel = 0.05 if stage == "optimizer" else 0.02
+                if (method, stage) == ("qwha", "attach"):
+                    # one block's Hessians are held, so the slope per layer is small beside the top-k
+                    # transient, which follows the largest per-channel AdaAlloc count (data-dependent;
+                    # +0.20, +0.16, +0.13, +0.01, +0.30 MB from 1 to 6 layers): an upper bound, 6 % loose
+                    assert 0.98 * measured[stage][128] <= pred <= 1.06 * measured[stage][128], (method, stage, k)
+                    continue
+                rel = 0.05 if stage == "optimizer" else 0.02  # the optimizer phase is a few MB here
                 assert pred == pytest.approx(measured[stage][128], rel=rel), (method, stage, k)
 
 
@@ -79,8 +84,9 @@ def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
             peaks.append({s: measured[s] for s in STAGES if s in measured})
         for stage, by_tokens in peaks[0].items():
             for tau, mb in by_tokens.items():
-                # QWHA's AdaAlloc splits its budget by each layer's quantization error
-                assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.005 if method == "qwha" else 0), (method, stage)
+                # QWHA's AdaAlloc splits its budget by each channel's quantization error, which bits
+                # change, and its top-k transient follows the largest count
+                assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.015 if method == "qwha" else 0), (method, stage)
 
 
 def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():

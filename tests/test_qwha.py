@@ -10,10 +10,12 @@ import torch
 from qexp.adapt import attach, merge
 from qexp.methods.qwha import (
     QWHA,
+    Hessians,
     QWHAConfig,
     QWHADeployed,
     QWHALinear,
     adaalloc,
+    collect_hessians,
     layer_output_error,
     qwha_init,
 )
@@ -146,6 +148,26 @@ def test_attach_shares_hessians_and_merge_reproduces_the_training_forward():
     deployed = [m for m in model.modules() if isinstance(m, QWHADeployed)]
     assert len(deployed) == 14 and all(isinstance(m.base, QuantLinear) for m in deployed)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hessians_stream_one_block_at_a_time_with_the_one_pass_values(dtype):
+    """Hessians holds one block's XᵀX at a time (a 8B model's are 62 GiB in fp64) and gives the
+    values of whole-model forwards, bit for bit."""
+    model = tiny_llama(layers=3).to(dtype)
+    tg = find_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    calib = torch.randint(0, 128, (5, 24))
+    full = collect_hessians(model, tg, calib, 2)
+    hs = Hessians(model, tg, calib, 2)
+    assert not hs.ready and len(hs.pending) == 3  # nothing computed before it is asked for
+    for i in range(3):
+        names = [n for n in tg if n.startswith(f"model.layers.{i}.")]
+        for n in names:
+            h = hs.pop(n)
+            assert set(hs.ready) <= set(names)  # only this block's
+            assert torch.equal(h, full[n]), n
+        assert not hs.ready and len(hs.pending) == 2 - i
+    assert hs.inputs == [] and hs.pop("model.layers.0.self_attn.q_proj") is None
 
 
 def test_zero_init_starts_from_the_base():

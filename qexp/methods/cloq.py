@@ -21,7 +21,7 @@ from ..quant import QuantLinear, QuantWeight
 from . import register
 from .base import Method, MethodConfig, MethodLayer, param_dtype
 from .lora import lora_update
-from .qwha import collect_hessians
+from .qwha import Hessians
 
 
 @dataclass
@@ -108,7 +108,7 @@ class CLoQ(Method):
         if cfg.rank <= 0 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
             raise ValueError(f"method.rank={cfg.rank}, method.alpha={cfg.alpha}, method.dropout={cfg.dropout}: "
                              "need rank > 0, alpha > 0 and 0 <= dropout < 1")
-        self.hessians: dict[str, Tensor] = {}
+        self.hessians: Hessians | dict[str, Tensor] = {}
         self.stats = {"calib_s": 0.0, "init_s": 0.0}
 
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor | None) -> None:
@@ -118,7 +118,7 @@ class CLoQ(Method):
         t0 = time.perf_counter()
         if self.cfg.calib_samples > 0:
             calib = calib[: self.cfg.calib_samples]
-        self.hessians = collect_hessians(model, targets, calib, self.cfg.calib_batch)
+        self.hessians = Hessians(model, targets, calib, self.cfg.calib_batch)  # one block at a time, in layer()
         self.stats["calib_s"] = time.perf_counter() - t0
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantLinear, QuantWeight, act_linear
 from ..quant import transforms as T
+from ..quant.gptq import OFFLOAD, _block_list, _first_block_inputs, _hidden, _to, _with_hidden
 from . import register
 from .base import Method, MethodConfig, MethodLayer
 
@@ -305,8 +307,8 @@ class QWHA(Method):
     def __init__(self, cfg: QWHAConfig, spec) -> None:
         super().__init__(cfg, spec)
         cfg.__post_init__()  # a config edited after construction (bench) is checked again
-        self.hessians: dict[str, Tensor] = {}
-        self._terms: dict[int, tuple[tuple[Tensor, Tensor, Tensor], int]] = {}  # id(XᵀX) -> (terms, users left)
+        self.hessians: Hessians | dict[str, Tensor] = {}
+        self._terms: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(XᵀX) -> its terms, while shared
         self.stats: dict[str, float] = {"calib_s": 0.0, "init_s": 0.0, "layers": 0}
         self.errors: dict[str, tuple[float, float]] = {}  # layer -> (‖ΔW_Q X‖², ‖(ΔW_Q − ΔW)X‖²) per token
 
@@ -324,12 +326,8 @@ class QWHA(Method):
         t0 = time.perf_counter()
         if self.cfg.calib_samples > 0:
             calib = calib[: self.cfg.calib_samples]
-        self.hessians = collect_hessians(model, targets, calib, self.cfg.calib_batch)
-        for h in self.hessians.values():
-            terms, users = self._terms.get(id(h), (None, 0))
-            self._terms[id(h)] = (terms, users + 1)
-        self.stats["calib_s"] = time.perf_counter() - t0
-        log.info("qwha: XᵀX over %d×%d tokens in %.1fs", *calib.shape, self.stats["calib_s"])
+        self.hessians = Hessians(model, targets, calib, self.cfg.calib_batch)
+        self.stats["calib_s"] = time.perf_counter() - t0  # the first block's inputs; the blocks run in layer()
 
     def budget(self, name: str, lin: nn.Linear) -> int:
         return budget(self.cfg.rank, name, lin)
@@ -343,13 +341,11 @@ class QWHA(Method):
         hess = self.hessians.pop(name, None)
         if hess is None:
             return None
-        terms, users = self._terms.get(id(hess), (None, 1))
+        terms = self._terms.pop(id(hess), None)
         if terms is None:
             terms = hessian_terms(hess.to(device), self.cfg.damp, self.cfg.transform)
-        if users > 1:
-            self._terms[id(hess)] = (terms, users - 1)
-        else:
-            self._terms.pop(id(hess), None)
+        if any(h is hess for h in self.hessians.values()):  # kept for the input's other targets
+            self._terms[id(hess)] = terms
         return terms
 
     def layer(self, name: str, linear: nn.Linear, qw: QuantWeight | None) -> nn.Module:
@@ -414,11 +410,10 @@ def budget(rank: int, name: str, lin: nn.Linear) -> int:
     return p
 
 
-@torch.no_grad()
-def collect_hessians(model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor,
-                     batch: int) -> dict[str, Tensor]:
-    """``XᵀX / n_tokens`` (fp64) for each target's input. Targets that read the very same input
-    tensor (q/k/v, gate/up) share one accumulator. Per-batch products are fp32, sums fp64."""
+def _accumulate(linears: dict[str, nn.Linear], run: Callable[[], None], n_tokens: int) -> dict[str, Tensor]:
+    """``XᵀX / n_tokens`` (fp64) of each linear's input over the forwards ``run()`` makes. Linears
+    that read the very same input tensor (q/k/v, gate/up) share one accumulator (the same tensor).
+    Per-batch products are fp32, sums fp64."""
     hess: dict[str, Tensor] = {}
     last: dict[str, object] = {"x": None, "name": None}
     alias: dict[str, str] = {}
@@ -438,20 +433,88 @@ def collect_hessians(model: nn.Module, targets: dict[str, nn.Linear], calib: Ten
                 hess[name] = g
         return fn
 
-    handles = [lin.register_forward_hook(hook(n)) for n, lin in targets.items()]
-    device = next(model.parameters()).device
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
     try:
-        for i in range(0, calib.shape[0], batch):
-            model(input_ids=calib[i:i + batch].to(device))
-            last["x"] = None
+        run()
     finally:
+        last["x"] = None
         for h in handles:
             h.remove()
-    n_tokens = calib.numel()
     out = {n: h.div_(n_tokens) for n, h in hess.items()}
     for name, owner in alias.items():
         out[name] = out[owner]
-    missing = set(targets) - set(out)
+    missing = set(linears) - set(out)
     if missing:
         raise RuntimeError(f"no calibration activations reached {sorted(missing)[:3]}")
-    return {n: out[n] for n in targets}
+    return {n: out[n] for n in linears}
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor,
+                     batch: int) -> dict[str, Tensor]:
+    """Every target's ``XᵀX / n_tokens`` (fp64) from whole-model forwards: all of them at once."""
+    device = next(model.parameters()).device
+
+    def run() -> None:
+        for i in range(0, calib.shape[0], batch):
+            model(input_ids=calib[i:i + batch].to(device))
+
+    return _accumulate(targets, run, calib.numel())
+
+
+class Hessians:
+    """Each target's ``XᵀX / n_tokens`` (fp64) on the fp model, computed one decoder block at a
+    time when first asked for, and released when popped. Between blocks the calibration hidden
+    states wait in host memory (as GPTQ's do), so the device holds one block's Hessians, not the
+    model's (62 GiB in fp64 at Llama-3.1-8B: 1.5 GiB per 14336-wide ``down_proj``). A block must
+    still be fp when its first target is asked for: ``attach`` replaces targets in model order,
+    after asking. The same values as :func:`collect_hessians` (the same forwards, block by
+    block); a model without a block list gets that one pass. Reads like a dict of them."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], calib: Tensor, batch: int) -> None:
+        self.ready: dict[str, Tensor] = {}
+        self.n_tokens = calib.numel()
+        found = _block_list(model, list(targets))
+        self.pending: list[tuple[nn.Module, str, list[str]]] = []  # blocks in order, their prefix, targets
+        if found is None:
+            self.ready = collect_hessians(model, targets, calib, batch)
+            return
+        list_name, blocks = found
+        for i, block in enumerate(blocks):
+            pre = f"{list_name}.{i}."
+            names = [n for n in targets if n.startswith(pre)]
+            if names:  # names, not modules: a replaced fp linear must be free to go
+                self.pending.append((block, pre, names))
+        home = next(model.parameters()).device
+        self.inputs = _first_block_inputs(model, blocks[0], calib.to(home), batch)  # on the host
+
+    @torch.no_grad()
+    def _next_block(self) -> None:
+        block, pre, names = self.pending.pop(0)
+        device = next(block.parameters()).device
+        linears = {n: block.get_submodule(n.removeprefix(pre)) for n in names}
+
+        def run() -> None:  # the block's Hessians and its outputs (the next block's inputs) in one pass
+            for j, (args, kwargs) in enumerate(self.inputs):
+                out = _hidden(block(*_to(args, device), **_to(kwargs, device)))
+                self.inputs[j] = _with_hidden(args, kwargs, out.to(OFFLOAD)) if self.pending else None
+
+        self.ready.update(_accumulate(linears, run, self.n_tokens))
+        if not self.pending:
+            self.inputs = []
+
+    def _wait_for(self, name: str) -> None:
+        while name not in self.ready and self.pending:
+            self._next_block()
+
+    def pop(self, name: str, default: Tensor | None = None) -> Tensor | None:
+        self._wait_for(name)
+        return self.ready.pop(name, default)
+
+    def __getitem__(self, name: str) -> Tensor:
+        self._wait_for(name)
+        return self.ready[name]
+
+    def values(self):
+        """The Hessians computed and not yet popped."""
+        return self.ready.values()

@@ -294,13 +294,19 @@ class Planner:
         quantize = base_quantizer(quant, spec, model, targets, lambda: ids, None)
         qws = {n: quantize(n, t) for n, t in targets.items()}  # noqa: F841  (held, as attach holds them)
 
+    @staticmethod
+    def measurement_key(cfg: DictConfig) -> str:
+        """The config without ``bits``, unresolved: what bits decide (a ``by_bits`` learning rate or
+        epoch count) changes no tensor shape either, so those cells share one measurement too."""
+        return json.dumps({**OmegaConf.to_container(cfg, resolve=False), "bits": None,
+                           "int16_codes": cfg.bits > 7}, sort_keys=True, default=str)
+
     def plan(self, cell: Cell) -> dict:
         """The cell's predicted peak per stage. Cells that differ only in ``bits`` (same code
         dtype) share one measurement: bits change code values, not tensor shapes."""
         cfg = cell.cfg
         arch = arch_config(cfg)
-        key = json.dumps({**OmegaConf.to_container(cfg, resolve=True), "bits": None,
-                          "int16_codes": cfg.bits > 7}, sort_keys=True, default=str)
+        key = self.measurement_key(cfg)
         t0 = time.perf_counter()
         if key not in self.cells:
             self.cells[key] = ({k: self.measure(cfg, arch, k) for k in self.layers}, cell.label)

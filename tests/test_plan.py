@@ -89,6 +89,18 @@ def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
                 assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.015 if method == "qwha" else 0), (method, stage)
 
 
+def test_cells_that_differ_in_bits_share_a_measurement_even_with_a_by_bits_lr():
+    """qwha_t3_paper's lr depends on bits (2e-5 at 2 bits): still one measurement per method."""
+    cells = compose_cells(["+experiment=qwha_t3_paper"], multirun=True)
+    keys: dict[str, set[str]] = {}
+    for cell in cells:
+        keys.setdefault(cell.cfg.method.name, set()).add(Planner.measurement_key(cell.cfg))
+    assert {m: len(k) for m, k in keys.items()} == {"gptq": 1, "cloq": 1, "qwha": 1}
+    assert len(set().union(*keys.values())) == 3
+    lrs = {(c.cfg.method.name, c.cfg.bits): c.cfg.train.lr for c in cells}
+    assert lrs[("qwha", 2)] != lrs[("qwha", 3)]  # the case this covers
+
+
 def test_magr_memory_does_not_depend_on_its_iterations_so_the_plan_runs_two():
     """The plan's MagR shortcut (2 proximal steps, not 200) is exact for memory."""
     from qexp.quant.magr import magr

@@ -78,3 +78,22 @@ def test_other_qwha_tables_lay_out_the_papers_values(name):
 def _empty():
     recs = [record("none", 0, "rtn", {}, metrics={"ppl/wikitext_sample/final": 1.0})]
     return from_records(recs).df.iloc[0:0]
+
+
+def test_table3_reads_csqa_and_gsm8k_from_their_own_sweeps():
+    """QWHA Table 3 spans two sweeps with different settings (Alpaca, GSM8K fine-tuning) for the same
+    method and bits: each column's value comes from one sweep (the first the table lists that has it),
+    never an average of both, and the seed check does not refuse them."""
+    recs = [record("qwha_t3_embedded", 0, "qwha", {}, metrics={"ppl/wikitext_sample/final": 30.0}),
+            record("qwha_t3_gsm8k_embedded", 1, "qwha", {},
+                   metrics={"ppl/wikitext_sample/final": 90.0, "exact_match/qexp_asdiv/final": 0.05})]
+    recs[1][1]["config"]["data"]["name"] = "asdiv"
+    recs[0][1]["config"]["train"]["steps"], recs[1][1]["config"]["train"]["steps"] = 30, 40
+    t = analysis.table(from_records(recs).df, "qwha_t3")
+    v = t.values[t.values["method"] == "qwha"].set_index("column")
+    assert v.at["CSQA", "ours"] == 30.0 and v.at["CSQA", "ours_metric"] == "ppl/wikitext_sample/final"
+    assert v.at["GSM8K", "ours"] == pytest.approx(5.0)
+    twin = record("qwha_t3_embedded", 2, "qwha", {}, metrics={"ppl/wikitext_sample/final": 1.0})
+    twin[1]["config"]["train"]["steps"] = 40
+    with pytest.raises(analysis.MixedSettings, match="train.steps"):  # within one sweep: still refused
+        analysis.table(from_records([*recs, twin]).df, "qwha_t3")

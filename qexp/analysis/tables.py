@@ -183,6 +183,11 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str,
     if name is None:
         return np.nan, None, 0, None
     hit = [r for r in sel if r.metric == name]
+    sweeps = list(dict.fromkeys(r.sweep for r in hit))  # a table over several sweeps (QWHA Table 3: CSQA
+    if len(sweeps) > 1:  # and GSM8K fine-tuning): each value from one, the first the table lists
+        order = list(sp.get("sweeps", []))
+        first = min(sweeps, key=lambda w: order.index(w) if w in order else len(order))
+        hit = [r for r in hit if r.sweep == first]
     per_seed = {}  # one cell per seed (fp16: every cell's fp stage is the same model; the first stands for it)
     for r in hit:
         per_seed.setdefault(r.seed, r)
@@ -276,13 +281,15 @@ def ordering(values: pd.DataFrame, sp: dict, keys: list[str], draws: int = U.B) 
     return pd.DataFrame(out, columns=cols)
 
 
-def check_seeds(df: pd.DataFrame, keys: list[str], table: str, methods: list[str]) -> None:
+def check_seeds(df: pd.DataFrame, keys: list[str], table: str, methods: list[str], by_sweep: bool = False) -> None:
     """Cells of ``methods`` averaged into one table cell must differ only in ``seed``: otherwise say
     which config keys differ (and their values) instead of averaging them
-    (:class:`.uncertainty.MixedSettings`). 16-bit methods are exempt (their rows span bit widths)."""
+    (:class:`.uncertainty.MixedSettings`). 16-bit methods are exempt (their rows span bit widths).
+    ``by_sweep``: the cells are the table's own sweeps, different settings by design (QWHA Table 3's
+    Alpaca and GSM8K fine-tuning), checked one sweep at a time (a value never averages two: :func:`_ours`)."""
     sixteen = registry()["sixteen_bit"]
     cells = df[df["method"].isin(methods) & ~df["method"].isin(sixteen)].drop_duplicates("cell_id")
-    by = ["model", "method", *(k for k in ("bits", "group_size") if k in keys)]
+    by = ["model", "method", *(k for k in ("bits", "group_size") if k in keys), *(["sweep"] if by_sweep else [])]
     cols = [c for c in cells.columns if "." in c or c in ("bits", "group_size", "dataset")]
     for key, g in cells.groupby(by, dropna=False):
         if len(g) < 2:
@@ -325,11 +332,11 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
     units = df.attrs.get("units") or {} if units is None else units  # per-window / per-item data (load)
-    ours = df[["model", "method", "bits", "group_size", "seed", "cell_id", "metric", "value", *expect]]
+    ours = df[["model", "method", "bits", "group_size", "seed", "cell_id", "sweep", "metric", "value", *expect]]
     scope = df
     for k, v in where.items():
         scope = scope[(scope[k] == v) | scope["method"].isin(registry()["sixteen_bit"])]
-    check_seeds(scope, keys, name, sp["methods"])  # never average cells that differ in more than seed
+    check_seeds(scope, keys, name, sp["methods"], bool(own))  # never average cells that differ in more than seed
     for k, v in where.items():
         ours = ours[(ours[k] == v) | ours["method"].isin(registry()["sixteen_bit"])]
     base = ours[ours["method"].isin(real)]

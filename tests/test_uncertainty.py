@@ -202,6 +202,9 @@ def test_stability_finds_where_the_ordering_moves(monkeypatch):
     assert s.at[30, "ranking"] == "lrqat > peqa > rtn" and s.at[100, "ranking"] == "peqa > lrqat > rtn"
     assert s.at[100, "moved"] == "peqa overtakes lrqat" and s.at[300, "moved_since_previous"] == 0
     assert s.at[300, "resolved"] == 3  # one seed, but per-window data: resolved over the windows
+    pw = analysis.pairwise(from_records(recs).df, PPL)
+    rtn = pw[pw["worse"] == "rtn"]
+    assert sorted(rtn["train.steps"].astype(float)) == [30, 30, 100, 100, 300, 300]  # rtn paired at every budget
 
 
 def test_min_seeds_keeps_one_seed_unresolved(tmp_path, capsys, monkeypatch):

@@ -333,15 +333,23 @@ def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
 
 
 def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
-    """Every pair of methods at each setting (same keys but the method; e.g. each ``train.steps``):
-    the better one by its mean (``better``, by the metric's direction), the difference, its 95 %
-    interval and verdict (``holds``: the interval excludes 0; ``unresolved`` otherwise)."""
+    """Every pair of methods at each setting (same keys but the method; e.g. each ``train.steps``, where
+    methods that do not train join every budget, as in :func:`stability`): the better one by its mean
+    (``better``, by the metric's direction), the difference, its 95 % interval and verdict
+    (``holds``: the interval excludes 0; ``unresolved`` otherwise)."""
     keys, found = settings(df, metric)
     sign = M.direction(metric) or 1
     rest = [k for k in keys if k != "method"]
     groups: dict[tuple, list[tuple[str, Cells]]] = {}
     for key, c in found:
-        groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key["method"], c))
+        if trains(key["method"]):
+            groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key["method"], c))
+    fixed = [i for i, k in enumerate(rest) if not k.startswith("train.")]
+    for key, c in found:  # a method that does not train (gptq, rtn) is one cell for every budget
+        if not trains(key["method"]):
+            mine = tuple(str(key[k]) for k in rest)
+            for at in [at for at in groups if all(at[i] == mine[i] for i in fixed)] or [mine]:
+                groups.setdefault(at, []).append((key["method"], c))
     out = []
     for at, members in groups.items():
         for (ma, a), (mb, b) in combinations(members, 2):

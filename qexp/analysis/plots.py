@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
 
 from . import metrics as M
 from .tables import registry
@@ -51,10 +52,21 @@ def _model(df: pd.DataFrame, model: str | None) -> pd.DataFrame:
 
 
 def _errors(s: pd.DataFrame, k: float) -> np.ndarray:
-    """Asymmetric error bars from a :func:`seed_summary`: the 95 % interval, else ± std, else none."""
+    """Asymmetric error bars from a :func:`seed_summary`: the 95 % interval, else ± std, where there are
+    at least 2 seeds; none for one seed (its interval over eval windows mostly says how hard each window
+    is, which every method shares: the paired differences of ``--seeds`` are the fair comparison)."""
+    seeds = (s["n"] >= 2).to_numpy() if "n" in s else np.ones(len(s), bool)
     lo = np.where(s["ci_low"].notna(), s["mean"] - s["ci_low"], s["std"].fillna(0))
     hi = np.where(s["ci_high"].notna(), s["ci_high"] - s["mean"], s["std"].fillna(0))
-    return np.vstack([lo, hi]) * k
+    return np.vstack([np.where(seeds, lo, 0), np.where(seeds, hi, 0)]) * k
+
+
+def _plain_log(axis: Axis) -> None:
+    """Plain numbers (30, 40, 60) on a log axis that spans less than a decade, not 3×10¹, 4×10¹."""
+    lo, hi = sorted(axis.get_view_interval())
+    if lo > 0 and hi / lo < 10:
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def plot_vs_bits(df: pd.DataFrame, metric: str | None = None, model: str | None = None,
@@ -176,7 +188,7 @@ def plot_vs_steps(df: pd.DataFrame, metric: str | None = None, model: str | None
     summ = seed_summary(d, name)
     if "train.steps" not in summ:
         raise ValueError("the records do not vary train.steps (a budget study does)")
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     colors = _colors()
     steps = sorted(summ["train.steps"].dropna().unique())
@@ -190,12 +202,15 @@ def plot_vs_steps(df: pd.DataFrame, metric: str | None = None, model: str | None
                     label=f"{method} (n={int(g['n'].min())})")
     if M.parse(name).kind == "ppl":
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
     ax.set_xscale("log")
     ax.set_xticks(steps, [str(int(s)) for s in steps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     unit = M.UNITS.get(M.parse(name).kind, "")
+    bars = "95 % interval over seeds" if (summ["n"] >= 2).any() else "one seed: no error bars"
     ax.set(xlabel="training steps (tokens per step unchanged)", ylabel=f"{name} ({unit})",
-           title=f"{name} vs budget, {d['model'].iloc[0]}")
-    ax.legend(fontsize=7, ncol=2)
+           title=f"{name} vs budget, {d['model'].iloc[0]} ({bars})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines stay readable
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
@@ -216,16 +231,18 @@ def plot_losses(df: pd.DataFrame, model: str | None = None, bits: int | None = N
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
     colors = _colors()
+    lengths = set()
     for method, g in cells.groupby("method"):
         n = max(len(losses[c]) for c in g["cell_id"])
+        lengths.add(n)
         runs = np.array([losses[c] for c in g["cell_id"] if len(losses[c]) == n])  # the longest run's seeds
         mean, color = runs.mean(axis=0), next(colors)
         w = min(smooth, n)
         ax.plot(np.arange(1, n + 1), mean, color=color, alpha=0.2, lw=0.8)
         ax.plot(np.arange(w, n + 1), np.convolve(mean, np.ones(w) / w, mode="valid"), color=color,
                 label=f"{method} ({n} steps, n={len(runs)})")
-    if len({len(losses[c]) for c in cells["cell_id"]}) > 1:
-        ax.set_xscale("log")  # runs of different lengths (a budget study: 30 to 300 steps)
+    if len(lengths) > 1:
+        ax.set_xscale("log")  # curves of different lengths (a budget study: 30 to 300 steps)
     ax.set(xlabel="step", ylabel=f"training loss (running mean of {smooth})",
            title=f"training loss, {d['model'].iloc[0]}, {bits} bits, "
                  f"{'per-channel' if group == -1 else f'g{int(group)}'}")

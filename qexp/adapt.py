@@ -22,7 +22,7 @@ def attach(model: nn.Module, method: Method, targets: dict[str, nn.Linear], quan
     """Quantize each target with the base quantizer (if the method starts from one) and swap in
     the method's training layer; ``targets`` is consumed (each fp Linear is freed as it is replaced).
     Everything else in the model stays frozen. ``cache_dir``: where
-    GPTQ bases are cached across cells (None: no cache).
+    GPTQ bases and MagR weights are cached across cells (None: no cache).
 
     On several processes the main process quantizes first (the others then read its GPTQ base
     from the cache), and at the end every rank takes the main process's attached model: one

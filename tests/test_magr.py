@@ -86,3 +86,28 @@ def test_magr_before_gptq_rounds_the_magr_weights_and_leaves_the_model_alone():
     n = next(iter(tg))
     assert not torch.equal(pre[n], before[n]) and pre[n].abs().max() < before[n].abs().max()
     assert not torch.equal(with_magr(n, tg[n]).codes, plain(n, tg[n]).codes)
+
+
+def test_magr_weights_are_cached_for_every_bit_width(tmp_path, monkeypatch):
+    """One MagR result serves the same base at any bit width (the key has the group, not the bits);
+    another α, other weights or other calibration ids compute it again."""
+    from qexp.models import targets as find_targets
+    from qexp.quant import magr as M
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    tg = dict(find_targets(model, ["q_proj", "down_proj"]))
+    calib = torch.randint(0, 128, (4, 32))
+    first = M.magr_cached(QuantSpec(3, 32), model, tg, calib, 1e-3, 5, tmp_path)
+    assert len(list(tmp_path.glob("magr-*.pt"))) == 1
+
+    def no_compute(*_):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(M, "magr_weights", no_compute)
+    again = M.magr_cached(QuantSpec(2, 32), model, tg, calib, 1e-3, 5, tmp_path)  # 2 bits: same weights
+    assert first.keys() == again.keys() and all(torch.equal(first[n], again[n]) for n in first)
+    for spec, ids, alpha in [(QuantSpec(2, 32), calib, 2e-3), (QuantSpec(2, 16), calib, 1e-3),
+                             (QuantSpec(2, 32), calib + 1, 1e-3)]:
+        with pytest.raises(AssertionError, match="recomputed"):
+            M.magr_cached(spec, model, tg, ids, alpha, 5, tmp_path)

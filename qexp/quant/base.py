@@ -24,8 +24,9 @@ def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets:
     EfficientQAT's Block-AP); or read it from a GPTQ checkpoint (``quant.init=checkpoint``,
     ``quant.path``: no preprocessing, no rounding); ``calib()`` gives calibration token ids.
 
-    GPTQ results are kept in ``cache_dir`` (when given) and reused by any later cell with the
-    same weights, calibration ids, settings and GPTQ code (see :func:`.gptq.gptq_quantizer`).
+    GPTQ results and MagR weights are kept in ``cache_dir`` (when given) and reused by any later cell
+    with the same weights, calibration ids, settings and code (:func:`.gptq.gptq_quantizer`,
+    :func:`.magr.magr_cached`: MagR's at any bit width).
     MagR and AWQ's clipping change only what the rounding sees: the method still gets the fp
     ``linear`` (AWQ's channel scaling is folded into the model itself, an equivalent fp model)."""
     if cfg.init not in ("rtn", "gptq", "omniquant", "blockap", "checkpoint"):
@@ -44,9 +45,9 @@ def base_quantizer(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets:
         if not cfg.magr_alpha > 0 or cfg.magr_iters < 1:
             raise ValueError(f"quant.magr_alpha={cfg.magr_alpha}, quant.magr_iters={cfg.magr_iters}: "
                              "need magr_alpha > 0 and magr_iters >= 1")
-        from .magr import magr_weights
+        from .magr import magr_cached
 
-        pre = magr_weights(spec, model, targets, calib(), cfg.magr_alpha, cfg.magr_iters)
+        pre = magr_cached(spec, model, targets, calib(), cfg.magr_alpha, cfg.magr_iters, cache_dir)
     if awq:
         from .awq import awq_weights
 

@@ -20,13 +20,19 @@ after the block being processed): the MagR weights never feed the next block's i
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from contextlib import suppress
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .gptq import CALIB_BATCH, _block_list, _Hessians, _Stop
 from .grid import QuantSpec
+
+log = logging.getLogger(__name__)
 
 
 def project_l1_ball(v: Tensor, radius: float = 1.0) -> Tensor:
@@ -103,4 +109,38 @@ def magr_weights(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear
             w = targets[n].weight
             h = hessians[n]
             out[n] = w.detach().clone() if h is None else magr(w, h, spec.group_size, alpha, iters).to(w.dtype)
+    return out
+
+
+def cache_key(spec: QuantSpec, targets: dict[str, nn.Linear], calib_ids: Tensor, alpha: float, iters: int) -> str:
+    """Hash of what the MagR weights depend on: this module's and the Hessian code (gptq.py), α, the
+    iterations, the group (not the bits: one MagR result serves every bit width), every target's name
+    and weight bytes, and the calibration token ids."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update((Path(__file__).parent / "gptq.py").read_bytes())
+    h.update(repr((float(alpha), int(iters), spec.group_size)).encode())
+    for name, linear in targets.items():
+        h.update(name.encode())
+        h.update(linear.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(calib_ids.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def magr_cached(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear], calib_ids: Tensor,
+                alpha: float, iters: int, cache_dir: Path | None = None) -> dict[str, Tensor]:
+    """:func:`magr_weights`, kept in ``cache_dir/magr-<key>.pt`` (written atomically) and reused by any
+    later cell with the same :func:`cache_key` (e.g. the same base at 2, 3 and 4 bits)."""
+    if cache_dir is None:
+        return magr_weights(spec, model, targets, calib_ids, alpha, iters)
+    path = Path(cache_dir) / f"magr-{cache_key(spec, targets, calib_ids, alpha, iters)}.pt"
+    if path.exists():
+        log.info("MagR weights from cache %s", path)
+        saved = torch.load(path, map_location=next(model.parameters()).device)
+        return {n: saved[n] for n in targets}
+    out = magr_weights(spec, model, targets, calib_ids, alpha, iters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    log.info("MagR weights cached in %s", path)
     return out

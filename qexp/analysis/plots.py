@@ -55,7 +55,7 @@ def _errors(s: pd.DataFrame, k: float) -> np.ndarray:
     """Asymmetric error bars from a :func:`seed_summary`: the 95 % interval, else ± std, where there are
     at least 2 seeds; none for one seed (its interval over eval windows mostly says how hard each window
     is, which every method shares: the paired differences of ``--seeds`` are the fair comparison)."""
-    seeds = (s["n"] >= 2).to_numpy() if "n" in s else np.ones(len(s), bool)
+    seeds = (s["n"] >= 2).to_numpy()
     lo = np.where(s["ci_low"].notna(), s["mean"] - s["ci_low"], s["std"].fillna(0))
     hi = np.where(s["ci_high"].notna(), s["ci_high"] - s["mean"], s["std"].fillna(0))
     return np.vstack([np.where(seeds, lo, 0), np.where(seeds, hi, 0)]) * k

@@ -42,6 +42,7 @@ import os
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -295,11 +296,25 @@ def cache_key(cfg: QuantConfig, spec: QuantSpec, targets: dict[str, nn.Linear], 
     h = hashlib.sha256(Path(__file__).read_bytes())
     settings = {k: getattr(cfg, k) for k in ("sym", "range", "p", "grid", "damp", "act_order")}
     h.update(repr((sorted(settings.items()), spec.bits, spec.group_size, spec.symmetric)).encode())
+    hash_inputs(h, targets, calib_ids)
+    return h.hexdigest()[:20]
+
+
+def hash_inputs(h: Any, targets: dict[str, nn.Linear], calib_ids: Tensor) -> None:
+    """Add to the hash ``h`` what a calibrated base stage reads: every target's name and weight bytes
+    and the calibration token ids (the cache keys of GPTQ and MagR)."""
     for name, linear in targets.items():
         h.update(name.encode())
         h.update(linear.weight.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(calib_ids.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _cached_results(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear],
@@ -312,10 +327,7 @@ def _cached_results(cfg: QuantConfig, spec: QuantSpec, model: nn.Module, targets
         saved = torch.load(path, map_location=device)
         return {n: QuantWeight(saved[n]["codes"], saved[n]["scale"], saved[n]["zero"], spec) for n in targets}
     results = gptq_results(cfg, spec, model, targets, calib_ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({n: {"codes": q.codes, "scale": q.scale, "zero": q.zero} for n, q in results.items()}, tmp)
-    os.replace(tmp, path)
+    save_atomic({n: {"codes": q.codes, "scale": q.scale, "zero": q.zero} for n, q in results.items()}, path)
     log.info("GPTQ base cached in %s", path)
     return results
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from contextlib import suppress
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .gptq import CALIB_BATCH, _block_list, _Hessians, _Stop
+from .gptq import CALIB_BATCH, _block_list, _Hessians, _Stop, hash_inputs, save_atomic
 from .grid import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -119,10 +118,7 @@ def cache_key(spec: QuantSpec, targets: dict[str, nn.Linear], calib_ids: Tensor,
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update((Path(__file__).parent / "gptq.py").read_bytes())
     h.update(repr((float(alpha), int(iters), spec.group_size)).encode())
-    for name, linear in targets.items():
-        h.update(name.encode())
-        h.update(linear.weight.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(calib_ids.cpu().contiguous().numpy().tobytes())
+    hash_inputs(h, targets, calib_ids)
     return h.hexdigest()[:20]
 
 
@@ -138,9 +134,6 @@ def magr_cached(spec: QuantSpec, model: nn.Module, targets: dict[str, nn.Linear]
         saved = torch.load(path, map_location=next(model.parameters()).device)
         return {n: saved[n] for n in targets}
     out = magr_weights(spec, model, targets, calib_ids, alpha, iters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
+    save_atomic(out, path)
     log.info("MagR weights cached in %s", path)
     return out

@@ -41,7 +41,13 @@ def test_table4_variants_fill_their_own_columns():
     assert {m: ours[m] for m in T4} == {m: 20.0 + i for i, m in enumerate(T4)}  # each cell in its own column
     paper = t.values[t.values["column"] == "GSM8K"].set_index("method")["paper"]
     assert paper["qwha"] == 41.47 and paper["qwha_zero_random"] == 40.94 and paper["qwha_dct"] == 39.72
-    assert t.values["proxy"].all()  # no accuracy in these records: perplexity stands in, and says so
+    csqa, gsm8k = (t.values[t.values["column"] == c] for c in ("CSQA", "GSM8K"))
+    assert csqa["proxy"].all()  # no accuracy in these records: perplexity stands in, and says so
+    assert gsm8k["ours"].isna().all() and not gsm8k["proxy"].any()  # never the same perplexity twice
+    em = record("qwha_t4_gsm8k_embedded", 9, "qwha", DEFAULT, metrics={"exact_match/qexp_asdiv/final": 0.05})
+    t = analysis.table(from_records([*recs, em]).df, "qwha_t4")
+    v = t.values.set_index(["column", "method"])["ours"]
+    assert v["GSM8K", "qwha"] == 5.0 and v["CSQA", "qwha"] == 25.0  # each column from its own sweep
 
 
 def test_table2_reads_the_init_errors_and_checks_the_ordering():

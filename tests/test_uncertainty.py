@@ -202,6 +202,18 @@ def test_stability_finds_where_the_ordering_moves(monkeypatch):
     assert s.at[30, "ranking"] == "lrqat > peqa > rtn" and s.at[100, "ranking"] == "peqa > lrqat > rtn"
     assert s.at[100, "moved"] == "peqa overtakes lrqat" and s.at[300, "moved_since_previous"] == 0
     assert s.at[300, "resolved"] == 3  # one seed, but per-window data: resolved over the windows
+    two = []  # the same budgets at 2 bits, where peqa never leads: each bit width ranks on its own
+    for path, r in recs:
+        r2 = __import__("copy").deepcopy(r)
+        r2["config"]["bits"], r2["cell_id"] = 2, r["cell_id"] + "-w2"
+        if r2["config"]["method"]["name"] == "peqa":
+            r2["metrics"], r2["eval"] = {PPL: 1e5}, {}
+        two.append((path + "2", r2))
+    both = analysis.stability(from_records(recs + two).df, PPL)
+    assert len(both) == 6 and set(both["bits"]) == {"2", "3"}
+    w2 = both[both["bits"] == "2"].set_index("train.steps")
+    assert w2.at[100, "ranking"] == "lrqat > rtn > peqa" and w2.at[100, "moved"] == ""
+    assert both[both["bits"] == "3"].set_index("train.steps").at[100, "moved"] == "peqa overtakes lrqat"
     pw = analysis.pairwise(from_records(recs).df, PPL)
     rtn = pw[pw["worse"] == "rtn"]
     assert sorted(rtn["train.steps"].astype(float)) == [30, 30, 100, 100, 300, 300]  # rtn paired at every budget

@@ -384,10 +384,13 @@ def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
                                         f"{d['n_better']}, {d['n_worse']}", d["verdict"], d["basis"]]) + " |")
     if "train.steps" in keys:  # a budget study: where the ordering stops moving
         st = stability(df, metric, "train.steps", draws)
+        other = [c for c in rest if c != "train.steps" and st[c].nunique() > 1]  # e.g. bits, when they vary
         lines += ["", "Ranking per budget (by mean; methods without training at every budget), the pairs whose "
                   "order moved since the previous budget, and the pairs resolved (interval excludes 0)", "",
-                  "| train.steps | ranking | moved since previous | resolved pairs |", "|---|---|---|---|"]
-        lines += [f"| {r['train.steps']} | {r['ranking']} | "
+                  "| " + " | ".join([*other, "train.steps", "ranking", "moved since previous", "resolved pairs"])
+                  + " |",
+                  "|" + "---|" * (len(other) + 4)]
+        lines += [f"| {''.join(str(r[c]) + ' | ' for c in other)}{r['train.steps']} | {r['ranking']} | "
                   f"{'–' if pd.isna(r['moved_since_previous']) else int(r['moved_since_previous'])}"
                   f"{': ' + r['moved'] if r['moved'] else ''} | {r['resolved']}/{r['pairs']} |"
                   for _, r in st.iterrows()]
@@ -398,20 +401,35 @@ def stability(df: pd.DataFrame, metric: str, axis: str = "train.steps", draws: i
     """Where the methods' ordering stops moving along ``axis`` (the budget study: ``train.steps``):
     per value, the ranking by mean (methods that do not train count at every value), the pairs whose
     order differs from the previous value's (point estimates), and how many pairs are resolved there
-    (interval excludes 0). One row per value of ``axis``."""
+    (interval excludes 0). One row per value of ``axis`` and per setting of the other keys (bits, ...):
+    a ranking never mixes two bit widths."""
     keys, found = settings(df, metric)
     if axis not in keys:
         raise KeyError(f"{axis} does not vary in these records; varying: {', '.join(k for k in keys if '.' in k)}")
     sign = M.direction(metric) or 1
-    values = sorted({key[axis] for key, c in found if trains(key["method"])})
-    out, previous = [], None
-    for v in values:
-        at = {key["method"]: c for key, c in found if key[axis] == v or not trains(key["method"])}
-        order = sorted(at, key=lambda m: -sign * at[m].mean())
-        pairs = list(combinations(order, 2))  # (better, worse) by mean
-        resolved = sum(compare(at[a], at[b], sign, draws)["verdict"] == "holds" for a, b in pairs)
-        moved = [] if previous is None else [f"{a} overtakes {b}" for a, b in pairs if (b, a) in previous]
-        out.append({axis: v, "ranking": " > ".join(order), "pairs": len(pairs), "resolved": resolved,
-                    "moved_since_previous": len(moved) if previous is not None else None, "moved": ", ".join(moved)})
-        previous = set(pairs)
+    rest = [k for k in keys if k not in ("method", axis)]
+    fixed = [i for i, k in enumerate(rest) if not k.startswith("train.")]  # what a non-training method shares
+    groups: dict[tuple, list[tuple[dict, Cells]]] = {}
+    for key, c in found:
+        if trains(key["method"]):
+            groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key, c))
+    for key, c in found:  # a method that does not train (gptq, rtn) is one cell for every budget
+        if not trains(key["method"]):
+            mine = tuple(str(key[k]) for k in rest)
+            for at in [at for at in groups if all(at[i] == mine[i] for i in fixed)]:
+                groups[at].append((key, c))
+    out = []
+    for at, members in sorted(groups.items()):
+        previous = None
+        for v in sorted({key[axis] for key, _ in members if trains(key["method"])}):
+            cells = {key["method"]: c for key, c in members if key[axis] == v or not trains(key["method"])}
+            order = sorted(cells, key=lambda m: -sign * cells[m].mean())
+            pairs = list(combinations(order, 2))  # (better, worse) by mean
+            resolved = sum(compare(cells[a], cells[b], sign, draws)["verdict"] == "holds" for a, b in pairs)
+            moved = [] if previous is None else [f"{a} overtakes {b}" for a, b in pairs if (b, a) in previous]
+            out.append({**dict(zip(rest, at, strict=True)), axis: v, "ranking": " > ".join(order),
+                        "pairs": len(pairs), "resolved": resolved,
+                        "moved_since_previous": len(moved) if previous is not None else None,
+                        "moved": ", ".join(moved)})
+            previous = set(pairs)
     return pd.DataFrame(out)

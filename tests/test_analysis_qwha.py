@@ -73,6 +73,10 @@ def test_table5_is_seconds_per_step_at_the_batch():
     assert b2["ours"].to_dict() == {"cloq": 1.0, "shira": 2.0, "qwha": 3.0, "ssh": 4.0, "loca": 5.0}
     assert b2.loc["loca", "paper"] == 53.4
     assert t.values[t.values["column"] == "batch 1"]["ours"].isna().all()  # no record at batch 1
+    b8 = [record("qwha_t5_embedded", 9, "qwha", {}, timings={"train_s": 90.0}, train={"steps": 10})]
+    b8[0][1]["config"]["train"]["batch_size"] = 8  # a second batch size of one method: its own column, not a seed
+    t = analysis.table(from_records(recs + b8).df, "qwha_t5").values.set_index(["column", "method"])["ours"]
+    assert t["batch 8", "qwha"] == 9.0 and t["batch 2", "qwha"] == 3.0
 
 
 @pytest.mark.parametrize("name", ["qwha_t3", "qwha_t11", "qwha_t13", "qwha_t14"])

@@ -281,16 +281,19 @@ def ordering(values: pd.DataFrame, sp: dict, keys: list[str], draws: int = U.B) 
     return pd.DataFrame(out, columns=cols)
 
 
-def check_seeds(df: pd.DataFrame, keys: list[str], table: str, methods: list[str], by_sweep: bool = False) -> None:
+def check_seeds(df: pd.DataFrame, keys: list[str], table: str, methods: list[str], by_sweep: bool = False,
+                in_metric: tuple[str, ...] = ()) -> None:
     """Cells of ``methods`` averaged into one table cell must differ only in ``seed``: otherwise say
     which config keys differ (and their values) instead of averaging them
     (:class:`.uncertainty.MixedSettings`). 16-bit methods are exempt (their rows span bit widths).
     ``by_sweep``: the cells are the table's own sweeps, different settings by design (QWHA Table 3's
-    Alpaca and GSM8K fine-tuning), checked one sweep at a time (a value never averages two: :func:`_ours`)."""
+    Alpaca and GSM8K fine-tuning), checked one sweep at a time (a value never averages two: :func:`_ours`).
+    ``in_metric``: config keys the columns' metrics already name (QWHA Table 5: ``time/train_step_b<batch>``
+    per ``train.batch_size``), so cells that differ in them never meet in one value."""
     sixteen = registry()["sixteen_bit"]
     cells = df[df["method"].isin(methods) & ~df["method"].isin(sixteen)].drop_duplicates("cell_id")
     by = ["model", "method", *(k for k in ("bits", "group_size") if k in keys), *(["sweep"] if by_sweep else [])]
-    cols = [c for c in cells.columns if "." in c or c in ("bits", "group_size", "dataset")]
+    cols = [c for c in cells.columns if ("." in c or c in ("bits", "group_size", "dataset")) and c not in in_metric]
     for key, g in cells.groupby(by, dropna=False):
         if len(g) < 2:
             continue
@@ -336,7 +339,8 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     scope = df
     for k, v in where.items():
         scope = scope[(scope[k] == v) | scope["method"].isin(registry()["sixteen_bit"])]
-    check_seeds(scope, keys, name, sp["methods"], bool(own))  # never average cells that differ in more than seed
+    check_seeds(scope, keys, name, sp["methods"], bool(own),  # never average cells that differ in more than seed
+                tuple(sp.get("in_metric", ())))
     for k, v in where.items():
         ours = ours[(ours[k] == v) | ours["method"].isin(registry()["sixteen_bit"])]
     base = ours[ours["method"].isin(real)]

@@ -77,6 +77,11 @@ def test_table5_is_seconds_per_step_at_the_batch():
     b8[0][1]["config"]["train"]["batch_size"] = 8  # a second batch size of one method: its own column, not a seed
     t = analysis.table(from_records(recs + b8).df, "qwha_t5").values.set_index(["column", "method"])["ours"]
     assert t["batch 8", "qwha"] == 9.0 and t["batch 2", "qwha"] == 3.0
+    full = analysis.table(from_records(recs + b8).df, "qwha_t5")
+    r = full.ratios().set_index(["column", "method"])
+    assert r.loc[("batch 2", "loca"), "ours"] == pytest.approx(5 / 3)  # loca's step time over qwha's
+    assert r.loc[("batch 2", "loca"), "paper"] == pytest.approx(53.4 / 9.7)  # the paper: LoCA 53.4 h, QWHA 9.7 h
+    assert "Each method over qwha" in full.markdown() and "1.67× [5.51×]" in full.markdown()
 
 
 @pytest.mark.parametrize("name", ["qwha_t3", "qwha_t11", "qwha_t13", "qwha_t14"])

@@ -141,6 +141,15 @@ class Table:
             out["group_size"] = out["group_size"].map(lambda g: "per-channel" if g == -1 else g)
         return out
 
+    def ratios(self) -> pd.DataFrame:
+        """Each method's value over the ``ratio_to`` method's, ours and the paper's, per row and column
+        (QWHA Table 5: training times on different hardware and models compare as ratios)."""
+        ref, on = self.spec["ratio_to"], [*self.keys, "column"]
+        base = self.values[self.values["method"] == ref].set_index(on)[["ours", "paper"]]
+        v = self.values[self.values["method"] != ref].join(base, on=on, rsuffix="_ref")
+        return v.assign(ours=v["ours"] / v["ours_ref"], paper=v["paper"] / v["paper_ref"])[[*on, "method", "ours",
+                                                                                              "paper"]]
+
     def markdown(self) -> str:
         d = self.display()
         lines = [f"**{self.spec['paper']} {self.spec['table']}** ({self.name}): {self.spec['title']}", ""]
@@ -148,6 +157,16 @@ class Table:
         lines.append("| " + " | ".join(map(str, d.columns)) + " |")
         lines.append("|" + "---|" * len(d.columns))
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in d.itertuples(index=False)]
+        if self.spec.get("ratio_to"):
+            r = self.ratios()
+            r = r.assign(cell=[f"{o:.2f}× [{p:.2f}×]" if o == o else f"– [{p:.2f}×]" for o, p in
+                               zip(r["ours"], r["paper"], strict=True)])
+            w = r.pivot_table(index=[*self.keys, "method"], columns="column", values="cell", aggfunc="first",
+                              sort=False)
+            w = w[[c["label"] for c in self.spec["columns"] if c["label"] in w]].reset_index()
+            lines += ["", f"Each method over {self.spec['ratio_to']}, ours [paper]:", "",
+                      "| " + " | ".join(map(str, w.columns)) + " |", "|" + "---|" * len(w.columns)]
+            lines += ["| " + " | ".join(map(str, x)) + " |" for x in w.itertuples(index=False)]
         return "\n".join(lines) + "\n"
 
     def latex(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -204,7 +205,7 @@ def test_stability_finds_where_the_ordering_moves(monkeypatch):
     assert s.at[300, "resolved"] == 3  # one seed, but per-window data: resolved over the windows
     two = []  # the same budgets at 2 bits, where peqa never leads: each bit width ranks on its own
     for path, r in recs:
-        r2 = __import__("copy").deepcopy(r)
+        r2 = copy.deepcopy(r)
         r2["config"]["bits"], r2["cell_id"] = 2, r["cell_id"] + "-w2"
         if r2["config"]["method"]["name"] == "peqa":
             r2["metrics"], r2["eval"] = {PPL: 1e5}, {}

@@ -332,6 +332,22 @@ def seed_summary(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
     return pd.DataFrame([{**key, **summary(c, draws), "seeds": c.seeds} for key, c in found])
 
 
+def by_setting(found: list[tuple[dict, Cells]], rest: list[str]) -> dict[tuple, list[tuple[dict, Cells]]]:
+    """:func:`settings`' cells grouped by their values of the keys ``rest``. A method that does not train
+    (gptq, rtn) is one cell for every budget: it joins every group that matches it outside ``train.*``."""
+    fixed = [i for i, k in enumerate(rest) if not k.startswith("train.")]
+    groups: dict[tuple, list[tuple[dict, Cells]]] = {}
+    for key, c in found:
+        if trains(key["method"]):
+            groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key, c))
+    for key, c in found:
+        if not trains(key["method"]):
+            mine = tuple(str(key[k]) for k in rest)
+            for at in [at for at in groups if all(at[i] == mine[i] for i in fixed)] or [mine]:
+                groups.setdefault(at, []).append((key, c))
+    return groups
+
+
 def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
     """Every pair of methods at each setting (same keys but the method; e.g. each ``train.steps``, where
     methods that do not train join every budget, as in :func:`stability`): the better one by its mean
@@ -340,19 +356,9 @@ def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
     keys, found = settings(df, metric)
     sign = M.direction(metric) or 1
     rest = [k for k in keys if k != "method"]
-    groups: dict[tuple, list[tuple[str, Cells]]] = {}
-    for key, c in found:
-        if trains(key["method"]):
-            groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key["method"], c))
-    fixed = [i for i, k in enumerate(rest) if not k.startswith("train.")]
-    for key, c in found:  # a method that does not train (gptq, rtn) is one cell for every budget
-        if not trains(key["method"]):
-            mine = tuple(str(key[k]) for k in rest)
-            for at in [at for at in groups if all(at[i] == mine[i] for i in fixed)] or [mine]:
-                groups.setdefault(at, []).append((key["method"], c))
     out = []
-    for at, members in groups.items():
-        for (ma, a), (mb, b) in combinations(members, 2):
+    for at, members in by_setting(found, rest).items():
+        for (ma, a), (mb, b) in combinations([(key["method"], c) for key, c in members], 2):
             (mw, w), (ml, lose) = ((ma, a), (mb, b)) if sign * (a.mean() - b.mean()) >= 0 else ((mb, b), (ma, a))
             c = compare(w, lose, sign, draws)
             out.append({**dict(zip(rest, at, strict=True)), "better": mw, "worse": ml, "better_mean": w.mean(),
@@ -408,18 +414,8 @@ def stability(df: pd.DataFrame, metric: str, axis: str = "train.steps", draws: i
         raise KeyError(f"{axis} does not vary in these records; varying: {', '.join(k for k in keys if '.' in k)}")
     sign = M.direction(metric) or 1
     rest = [k for k in keys if k not in ("method", axis)]
-    fixed = [i for i, k in enumerate(rest) if not k.startswith("train.")]  # what a non-training method shares
-    groups: dict[tuple, list[tuple[dict, Cells]]] = {}
-    for key, c in found:
-        if trains(key["method"]):
-            groups.setdefault(tuple(str(key[k]) for k in rest), []).append((key, c))
-    for key, c in found:  # a method that does not train (gptq, rtn) is one cell for every budget
-        if not trains(key["method"]):
-            mine = tuple(str(key[k]) for k in rest)
-            for at in [at for at in groups if all(at[i] == mine[i] for i in fixed)]:
-                groups[at].append((key, c))
     out = []
-    for at, members in sorted(groups.items()):
+    for at, members in sorted(by_setting(found, rest).items()):
         previous = None
         for v in sorted({key[axis] for key, _ in members if trains(key["method"])}):
             cells = {key["method"]: c for key, c in members if key[axis] == v or not trains(key["method"])}

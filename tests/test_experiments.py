@@ -18,10 +18,10 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF).parent / "experiments" / "exper
 def test_each_paper_comparison_has_both_scales():
     stems = {e.rsplit("_", 1)[0] for e in EXPERIMENTS}
     main = {"lota_t1", "lrqat_t4", "l4q_t23", "qwha_t3", "lota_t1_tasks", "qwha_t3_gsm8k",
-            "l4q_t1", "l4q_t4", "l4q_t56", "l4q_t78", "lrqat_t5", "lrqat_t5_sq"}
-    # QWHA's other tables, the baselines' tables and the budget study: a paper scale optional
-    others = {"qwha_t2", "qwha_t4", "qwha_t4_gsm8k", "qwha_t5", "qwha_t13", "qwha_t14",
-              "lrqat_t2", "lrqat_t3", "efficientqat_t4", "budget"}
+            "l4q_t1", "l4q_t4", "l4q_t56", "l4q_t78", "lrqat_t5", "lrqat_t5_sq",
+            "qwha_t2", "qwha_t4", "qwha_t4_gsm8k", "qwha_t5", "qwha_t13", "qwha_t14"}
+    # the baselines' tables and the budget study: a paper scale optional
+    others = {"lrqat_t2", "lrqat_t3", "efficientqat_t4", "budget"}
     assert main <= stems and stems - main <= others
     assert all(f"{s}_{scale}" in EXPERIMENTS for s in main for scale in ("paper", "embedded"))
     assert all(f"{s}_embedded" in EXPERIMENTS for s in stems)

@@ -95,8 +95,8 @@ def test_cells_that_differ_in_bits_share_a_measurement_even_with_a_by_bits_lr():
     keys: dict[str, set[str]] = {}
     for cell in cells:
         keys.setdefault(cell.cfg.method.name, set()).add(Planner.measurement_key(cell.cfg))
-    assert {m: len(k) for m, k in keys.items()} == {"gptq": 1, "cloq": 1, "qwha": 1}
-    assert len(set().union(*keys.values())) == 3
+    assert {m: len(k) for m, k in keys.items()} == {m: 1 for m in ("gptq", "cloq", "shira", "loca", "ssh", "qwha")}
+    assert len(set().union(*keys.values())) == 6
     lrs = {(c.cfg.method.name, c.cfg.bits): c.cfg.train.lr for c in cells}
     assert lrs[("qwha", 2)] != lrs[("qwha", 3)]  # the case this covers
 

@@ -38,9 +38,12 @@ def test_experiment_composes_and_validates(name):
     for method in params.method.split(","):  # a method, or an experiment's variant of one (<name>/<method>)
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cell = compose(config_name="config", overrides=[f"+experiment={name}", f"method={method}"])
-        # <experiment>/<method>, or a table's switch of a method (qwha_t4/dct: qwha with transform=dct)
-        assert cell.method.name in registry() and (method.split("/")[-1] == cell.method.name or
-                                                   method.startswith(f"{cell.method.name}_"))
+        # <experiment>/<method>, or a table's switch of a method (qwha_t4/dct: qwha with transform=dct,
+        # qwha_t3/gptq_magr: gptq with quant.magr=true)
+        leaf = method.split("/")[-1]
+        assert cell.method.name in registry() and (leaf == cell.method.name or
+                                                   method.startswith(f"{cell.method.name}_") or
+                                                   leaf.startswith(f"{cell.method.name}_"))
         check(cell)  # the whole preflight a run does: values, files, shapes, tasks
     if name.endswith("_embedded"):  # offline data: the embedded corpora, or ASDiv for the generation tables
         assert cfg.model.name == "smollm2_135m" and cfg.data.name in ("embedded", "asdiv")

@@ -112,3 +112,12 @@ def test_table3_reads_csqa_and_gsm8k_from_their_own_sweeps():
     twin[1]["config"]["train"]["steps"] = 40
     with pytest.raises(analysis.MixedSettings, match="train.steps"):  # within one sweep: still refused
         analysis.table(from_records([*recs, twin]).df, "qwha_t3")
+
+
+def test_table14_puts_the_papers_value_only_beside_its_own_group_size():
+    """Group size is Table 14's subject: a g96 row (SmolLM2's widths) has no paper value, never g64's."""
+    recs = [record("qwha_t14_embedded", i, "qwha", DEFAULT, bits=2, metrics={"exact_match/qexp_asdiv/final": 0.01})
+            for i in range(2)]
+    recs[1][1]["config"]["group_size"] = 96
+    v = analysis.table(from_records(recs).df, "qwha_t14").values.set_index("group_size")["paper"]
+    assert v[64] == 29.11 and v.get(96) != v.get(96)  # NaN: no paper number for g96

@@ -239,17 +239,15 @@ def _paper(csv: list, pm: str, label: str | None, row: dict, col: dict, sp: dict
     return (c[0].value_f, c[0].group_n) if c else (np.nan, np.nan)
 
 
-def runnable(paper: str | None = None, pending: dict[str, list[str]] | None = None) -> tuple[int, int, list[str]]:
+def runnable(paper: str | None = None) -> tuple[int, int, list[str]]:
     """How many of ``paper``'s rows in the CSV (every row: ``None`` or ``"all"``) name a method qexp can
     run (a registered method, a variant of one, or the unquantized model), the row count, and the
-    method labels it cannot run. ``pending``: method name -> CSV labels counted as runnable too (methods
-    another branch registers)."""
+    method labels it cannot run."""
     from ..methods import registry as methods
 
     reg, names = registry(), set(methods())
     ok = {"fp16", *names} | {v for v, s in reg.get("variants", {}).items() if s["method"] in names}
     labels = {a for m, aliases in reg["methods"].items() if m in ok for a in aliases or []}
-    labels |= {a for aliases in (pending or {}).values() for a in aliases}
     rows = paper_values()
     rows = rows if paper in (None, "all") else rows[rows["paper"] == paper]
     hit = rows["method"].isin(labels)

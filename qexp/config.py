@@ -139,6 +139,7 @@ class EvalConfig:
     num_fewshot: dict[str, int] = field(default_factory=dict)  # per task; absent: the task's own default
     limit: int | None = None  # items per task (lm-eval's limit: the first N); None: all
     lm_eval_batch_size: Any = 16  # int, or "auto" (lm-eval's batch-size search)
+    prefix_cache: bool = True  # run a prompt prefix all items share (few-shot exemplars) once (qexp/eval/prefix.py)
     accuracy_stages: list[str] = field(default_factory=lambda: ["base", "unmerged", "final"])  # fp|base|unmerged|final
     suites: dict[str, list[str]] = field(default_factory=dict)  # average name -> member tasks
     log_samples: bool = False  # write lm-eval's per-item samples (generations too) next to result.json

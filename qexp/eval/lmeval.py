@@ -12,6 +12,8 @@ a progress bar; ``eval.max_new_tokens`` overrides the task's ``max_gen_toks``; a
 a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a task's test data with a
 local JSONL file (same fields as the hub rows), for machines without hub access.
 
+Forwards that share a prompt prefix (the few-shot exemplars) run it once (``eval.prefix_cache``,
+:mod:`qexp.eval.prefix`; MMLU 5-shot: ~4x fewer tokens); hits and misses are in ``tasks.<task>.prefix_cache``.
 Integer layers are dequantized once per task for the pass (:func:`qexp.quant.linear.dequantized_once`:
 the same numbers; it saves most for generation, one token per forward, and little for
 multiple-choice scoring, where the matmuls dominate). Each suite average's standard error is recorded
@@ -233,18 +235,20 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     ``ecfg``: the ``eval`` config (tasks, num_fewshot, limit, lm_eval_batch_size, suites, log_samples).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .prefix import PrefixCache, PrefixLM
 
     tasks = list(ecfg.tasks)
     check_tasks(tasks)
     tm = task_manager(any(not pack_task(t) for t in tasks))
     device = next(model.parameters()).device
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=ecfg.lm_eval_batch_size, device=str(device))
+    lm = PrefixLM(pretrained=model, tokenizer=tok, batch_size=ecfg.lm_eval_batch_size, device=str(device))
     results: dict[str, dict] = {}
     details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit, "items": {}}
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
+        lm.prefix = PrefixCache(model) if ecfg.get("prefix_cache", True) else None  # per task: its own prefix
         with _quiet(), _keep_rng(), torch.no_grad(), dequantized_once(model):  # integer layers: once per task
             out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir, ecfg)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,
@@ -259,6 +263,9 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
         n = sum(v["effective"] for v in out.get("n-samples", {}).values())
         details["tasks"][name] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "items": n,
                                   "num_fewshot": out.get("n-shot", {}).get(name, 0)}
+        if (pc := lm.prefix) is not None:
+            details["tasks"][name]["prefix_cache"] = {"hits": pc.hits, "misses": pc.misses,
+                                                      "tokens": 0 if pc.tokens is None else len(pc.tokens)}
         log.info("lm-eval %s: %s (%d items, %.1f s)", name,
                  {k: round(v, 4) for k, v in results.get(name, {}).items()}, n, seconds)
         if ecfg.log_samples and samples_dir is not None:

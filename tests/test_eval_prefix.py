@@ -1,0 +1,55 @@
+"""eval.prefix_cache: a shared prompt prefix runs once, and the logits are those of the plain forward."""
+
+from __future__ import annotations
+
+import torch
+
+from qexp import models
+from qexp.eval.lmeval import accuracy
+from qexp.eval.prefix import PrefixCache, common_prefix
+from tests.conftest import make_cfg, tiny_llama
+
+
+def test_common_prefix():
+    assert common_prefix(torch.tensor([[1, 2, 3, 4], [1, 2, 5, 4]])) == 2
+    assert common_prefix(torch.tensor([[7, 2], [1, 2]])) == 0
+    assert common_prefix(torch.tensor([[1, 2, 3]])) == 3
+
+
+def test_logits_equal_the_plain_forward_and_the_prefix_runs_once():
+    model = tiny_llama(vocab=128)
+    torch.manual_seed(1)
+    prefix = torch.randint(0, 128, (20,))
+    cache = PrefixCache(model, min_len=8)
+
+    def batch(b: int, t: int) -> torch.Tensor:
+        return torch.cat([prefix.expand(b, -1), torch.randint(0, 128, (b, t))], dim=1)
+
+    for inps in (batch(3, 7), batch(2, 11), batch(1, 1)):  # later batches reuse the first one's prefix
+        with torch.no_grad():
+            torch.testing.assert_close(cache.logits(inps), model(inps).logits, rtol=1e-5, atol=1e-5)
+    assert (cache.misses, cache.hits) == (1, 2) and len(cache.tokens) == 20
+    other = torch.randint(0, 128, (2, 30))
+    other[:, 0] = torch.tensor([1, 2])  # no shared prefix: the plain forward, the cache untouched
+    with torch.no_grad():
+        torch.testing.assert_close(cache.logits(other), model(other).logits, rtol=1e-5, atol=1e-5)
+        same = batch(1, 3).expand(2, -1)  # identical rows: the last token still runs (its logits are read)
+        torch.testing.assert_close(cache.logits(same), model(same).logits, rtol=1e-5, atol=1e-5)
+        assert (cache.misses, cache.hits) == (1, 3)
+        short = batch(1, 0).expand(2, -1)  # the cached prefix is the whole row: a new, shorter one
+        torch.testing.assert_close(cache.logits(short), model(short).logits, rtol=1e-5, atol=1e-5)
+    assert (cache.misses, cache.hits, len(cache.tokens)) == (2, 3, 19)
+
+
+def test_accuracy_items_equal_without_the_cache():
+    """MMLU 5-shot on the embedded model: the same per-item scores with and without the cache."""
+    got = {}
+    for on in (True, False):
+        cfg = make_cfg("model=smollm2_135m", "eval=embedded", "eval.limit=6", "eval.tasks=[qexp_mmlu]",
+                       f"eval.prefix_cache={on}", "eval.lm_eval_batch_size=4")
+        model, tok = models.load(cfg.model, cfg.cache_dir)
+        got[on] = accuracy(model, tok, cfg.eval, cfg.cache_dir)
+    assert got[True][1]["items"] == got[False][1]["items"]
+    info = got[True][1]["tasks"]["qexp_mmlu"]["prefix_cache"]
+    assert info["misses"] >= 1 and info["hits"] >= 1 and info["tokens"] >= 300  # the 5 exemplars
+    assert "prefix_cache" not in got[False][1]["tasks"]["qexp_mmlu"]

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from qexp import models
 from qexp.config import ConfigError, validate
 from qexp.eval import lmeval
-from qexp.eval.lmeval import MMLU_CATEGORIES, PAPER_TASKS, accuracy, check_tasks, suite_scores, task_manager
+from qexp.eval.lmeval import MMLU_CATEGORIES, PAPER_TASKS, accuracy, check_tasks, suite_note, suite_scores, task_manager
 from qexp.run import run_cell, summary
 from qexp.tasks.build import build
 
@@ -33,6 +33,15 @@ def test_suite_scores_metric_per_member():
     assert m["acc_norm/s"] == pytest.approx((0.8 + 0.7 + 0.5 + 0.5) / 4)  # boolq has no acc_norm: its acc
     assert info["s"]["acc_norm"] == ["acc", "acc_norm", "acc_norm", "acc_norm"]
     assert "acc/gone" not in m and "wino" in info["gone"]["skipped"]
+
+
+def test_suite_stderr_counts_a_repeated_member_with_its_weight():
+    """ARC stands twice in the papers' averages: its score, and so its error, counts twice (not as two
+    independent tasks)."""
+    details = {"suites": {"s": {"tasks": ["boolq", "arc", "arc"], "acc": ["acc"] * 3}},
+               "results": {"boolq": {"acc_stderr": 0.03}, "arc": {"acc_stderr": 0.04}}}
+    se, _ = suite_note(details, "s", "acc")
+    assert se == pytest.approx(math.sqrt(0.03 ** 2 + (2 * 0.04) ** 2) / 3)
 
 
 def test_default_eval_is_perplexity_only():

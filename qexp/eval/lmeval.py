@@ -191,13 +191,15 @@ def suite_scores(results: dict[str, dict], suites: dict[str, list[str]]) -> tupl
 
 
 def suite_note(details: dict, suite: str, metric: str) -> tuple[float | None, str]:
-    """The standard error of a recorded suite average (the members' lm-eval standard errors,
-    combined as for a mean of independent scores: sqrt(sum se^2) / n) and its item counts, e.g.
-    ``"50 items per task (eval.limit=50)"``. ``details``: one stage's ``eval.lm_eval`` record entry."""
+    """The standard error of a recorded suite average (the members' lm-eval standard errors, combined
+    as for a mean of independent tasks: sqrt(sum (c·se)^2) / n, a task listed c times counting c times
+    its score, as ARC in the papers' averages) and its item counts, e.g. ``"50 items per task
+    (eval.limit=50)"``. ``details``: one stage's ``eval.lm_eval`` record entry."""
     info, results = details.get("suites", {}).get(suite, {}), details.get("results", {})
     members, keys = info.get("tasks", []), info.get(metric, [])
-    errs = [results.get(m, {}).get(f"{k}_stderr") for m, k in zip(members, keys, strict=False)]
-    se = math.sqrt(sum(e * e for e in errs)) / len(errs) if errs and None not in errs else None
+    errs = {m: results.get(m, {}).get(f"{k}_stderr") for m, k in zip(members, keys, strict=False)}
+    se = (math.sqrt(sum((members.count(m) * e) ** 2 for m, e in errs.items())) / len(members)
+          if errs and None not in errs.values() else None)
     items = sorted({details.get("tasks", {}).get(m, {}).get("items") for m in members} - {None})
     counts = "-".join(str(i) for i in (items[:1] + items[-1:] if len(items) > 1 else items))
     limit = f" (eval.limit={details['limit']})" if details.get("limit") else ""

@@ -1,5 +1,6 @@
 """Every named paper reproduction composes, passes the preflight, and sweeps over real methods and bits."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ def test_each_paper_comparison_has_both_scales():
             "l4q_t1", "l4q_t4", "l4q_t56", "l4q_t78", "lrqat_t5", "lrqat_t5_sq",
             "qwha_t2", "qwha_t4", "qwha_t4_gsm8k", "qwha_t5", "qwha_t13", "qwha_t14"}
     # the baselines' tables and the budget study: a paper scale optional
-    others = {"lrqat_t2", "lrqat_t3", "efficientqat_t4", "budget"}
+    # and the measured-accuracy sweeps of LoTA-QAF Table 1 and L4Q Table 3 (the paper scale: eval=papers)
+    others = {"lrqat_t2", "lrqat_t3", "efficientqat_t4", "budget", "lota_t1_acc", "l4q_t3_acc"}
     assert main <= stems and stems - main <= others
     assert all(f"{s}_{scale}" in EXPERIMENTS for s in main for scale in ("paper", "embedded"))
     assert all(f"{s}_embedded" in EXPERIMENTS for s in stems)
@@ -49,3 +51,17 @@ def test_experiment_composes_and_validates(name):
         assert cfg.model.name == "smollm2_135m" and cfg.data.name in ("embedded", "asdiv")
     else:
         assert cfg.model.source == "hub" and cfg.data.train.kind == "hub"
+
+
+@pytest.mark.parametrize("name, suite", [("lota_t1_acc_embedded", "mmlu5_offline"),
+                                         ("l4q_t3_acc_embedded", "csqa7_offline")])
+def test_accuracy_sweeps_bound_the_standard_error_at_1_5_points(name, suite):
+    """Issue 21: a measured accuracy column's standard error is <= 1.5 points at any accuracy
+    (p(1-p) <= 1/4), a member listed twice (ARC) counting twice; the deployed model is scored."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+experiment={name}"])
+    members = list(cfg.eval.suites[suite])
+    assert set(members) == set(cfg.eval.tasks)
+    worst = math.sqrt(sum((members.count(m) * 0.5) ** 2 / cfg.eval.limit for m in set(members))) / len(members)
+    assert worst <= 0.015 and "final" in cfg.eval.accuracy_stages

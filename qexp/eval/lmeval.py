@@ -13,7 +13,7 @@ a tokenizer without one before any work). ``eval.task_data.<task>`` replaces a t
 local JSONL file (same fields as the hub rows), for machines without hub access.
 
 Forwards that share a prompt prefix (the few-shot exemplars) run it once (``eval.prefix_cache``,
-:mod:`qexp.eval.prefix`; MMLU 5-shot: ~4x fewer tokens); hits and misses are in ``tasks.<task>.prefix_cache``.
+:mod:`qexp.eval.prefix`); hits, misses and its length are in ``tasks.<task>.prefix_cache``.
 Integer layers are dequantized once per task for the pass (:func:`qexp.quant.linear.dequantized_once`:
 the same numbers; it saves most for generation, one token per forward, and little for
 multiple-choice scoring, where the matmuls dominate). Each suite average's standard error is recorded

@@ -1,8 +1,8 @@
 """Reuse the keys/values of a prompt prefix that every scoring forward shares (``eval.prefix_cache``).
 
 A few-shot task puts the same description and exemplars before every item: on MMLU 5-shot with the
-offline pack they are 374 of an item's ~470 tokens, so lm-eval's plain forwards spend ~80 % of the
-pass on tokens they have already seen. :class:`PrefixCache` runs the batch's common prefix once, keeps
+offline pack they are its first 375 tokens, most of an item, so lm-eval's plain forwards spend most of
+the pass on tokens they have already seen. :class:`PrefixCache` runs the batch's common prefix once, keeps
 its keys/values and logits, and for each later batch that starts with the same tokens runs only the
 rest on a copy of that cache. It returns the logits of every position, as ``model(inps).logits`` does
 (the same numbers up to float summation order), so lm-eval reads them unchanged.

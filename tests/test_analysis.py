@@ -298,28 +298,3 @@ def test_every_model_config_is_named_in_the_table_registry():
     for model, aliases in registry()["models"].items():
         assert set(aliases or []) <= csv_models, (model, aliases)
 
-
-def test_measured_accuracy_sweep_fills_the_column_beside_the_perplexity_sweep():
-    """lota_t1_acc_embedded (MMLU measured, issue 21) and lota_t1_embedded (perplexity) together: the Avg
-    column is the measured accuracy, not the proxy, and the two sweeps' settings are not called mixed."""
-    from qexp.analysis.load import from_records
-
-    def rec(sweep: str, i: int, method: str, metrics: dict) -> tuple[str, dict]:
-        cfg = {"model": {"name": "smollm2_135m"}, "data": {"name": "embedded"}, "bits": 3, "group_size": 64,
-               "seed": 0, "method": {"name": method}, "quant": {"init": "gptq"},
-               "eval": {"limit": 1112} if "acc" in sweep else {}}
-        return f"{sweep}/{i}", {"status": "ok", "name": sweep, "cell_id": f"{sweep}{i}", "config": cfg,
-                                "metrics": metrics}
-
-    methods = ("gptq", "qlora", "qalora", "lota")
-    stage = {"qlora": "unmerged"}
-    recs = [rec("lota_t1_embedded", i, m, {f"ppl/wikitext_sample/{stage.get(m, 'final')}": 40.0 + i})
-            for i, m in enumerate(methods)]
-    recs += [rec("lota_t1_acc_embedded", i, m, {f"ppl/wikitext_sample/{stage.get(m, 'final')}": 40.0 + i,
-                                                 f"acc/qexp_mmlu/{stage.get(m, 'final')}": 0.25 + i / 100})
-             for i, m in enumerate(methods)]
-    t = analysis.table(from_records(recs).df, "lota_t1")
-    row = t.values[t.values["column"] == "Avg"].set_index("method")
-    assert not row["proxy"].any()
-    assert row.loc[list(methods), "ours"].tolist() == pytest.approx([25.0, 26.0, 27.0, 28.0])
-    assert (row.loc[list(methods), "ours_metric"].str.startswith("acc/qexp_mmlu/")).all()

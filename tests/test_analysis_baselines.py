@@ -1,10 +1,12 @@
-"""Issue 18's tables (LR-QAT Tables 2-3, EfficientQAT Table 4, LoTA-QAF App. Table 2 / §4.3) and the share
-of the whole paper CSV whose method qexp runs."""
+"""Issue 18's tables (LR-QAT Tables 2-3, EfficientQAT Table 4, LoTA-QAF App. Table 2 / §4.3), the share
+of the whole paper CSV whose method qexp runs, and LoTA-QAF Table 1 with its measured-accuracy sweep."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 from qexp import analysis
 from qexp.analysis.load import from_records, load
@@ -101,3 +103,23 @@ def test_lota_merge_counts_the_codes_it_changes():
     diff = layer.merge().codes.long() - qw.codes.long()
     assert c["codes_increased"] == int((diff > 0).sum()) and c["codes_decreased"] == int((diff < 0).sum())
     assert c["codes_total"] == diff.numel() == c["codes_increased"] + c["codes_decreased"] + c["codes_unchanged"]
+
+
+def test_measured_accuracy_sweep_fills_the_column_beside_the_perplexity_sweep():
+    """lota_t1_acc_embedded (MMLU measured, issue 21) and lota_t1_embedded (perplexity) together: the Avg
+    column is the measured accuracy, not the proxy, and the two sweeps' settings are not called mixed."""
+    methods = ("gptq", "qlora", "qalora", "lota")
+    stage = {"qlora": "unmerged"}
+    recs = [record("lota_t1_embedded", i, m, bits=3, metrics={f"ppl/wikitext_sample/{stage.get(m, 'final')}": 40.0 + i})
+            for i, m in enumerate(methods)]
+    for i, m in enumerate(methods):
+        acc = record("lota_t1_acc_embedded", 4 + i, m, bits=3,
+                     metrics={f"ppl/wikitext_sample/{stage.get(m, 'final')}": 40.0 + i,
+                              f"acc/qexp_mmlu/{stage.get(m, 'final')}": 0.25 + i / 100})
+        acc[1]["config"]["eval"] = {"limit": 1112}
+        recs.append(acc)
+    t = analysis.table(from_records(recs).df, "lota_t1")
+    row = t.values[t.values["column"] == "Avg"].set_index("method")
+    assert not row["proxy"].any()
+    assert row.loc[list(methods), "ours"].tolist() == pytest.approx([25.0, 26.0, 27.0, 28.0])
+    assert (row.loc[list(methods), "ours_metric"].str.startswith("acc/qexp_mmlu/")).all()

@@ -250,7 +250,7 @@ def accuracy(model: nn.Module, tok: Any, ecfg: Any, cache_dir: str,
     details: dict[str, Any] = {"tasks": {}, "limit": ecfg.limit, "items": {}}
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
-        lm.prefix = PrefixCache(model) if ecfg.get("prefix_cache", True) else None  # per task: its own prefix
+        lm.prefix = PrefixCache(model) if ecfg.prefix_cache else None  # per task: its own prefix
         with _quiet(), _keep_rng(), torch.no_grad(), dequantized_once(model):  # integer layers: once per task
             out = simple_evaluate(model=lm, tasks=[task_spec(name, cache_dir, ecfg)], task_manager=tm,
                                   num_fewshot=ecfg.num_fewshot.get(name), limit=ecfg.limit,

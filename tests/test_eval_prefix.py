@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qexp import models
@@ -41,12 +42,13 @@ def test_logits_equal_the_plain_forward_and_the_prefix_runs_once():
     assert (cache.misses, cache.hits, len(cache.tokens)) == (2, 3, 19)
 
 
-def test_accuracy_items_equal_without_the_cache():
-    """MMLU 5-shot on the embedded model: the same per-item scores with and without the cache."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_accuracy_items_equal_without_the_cache(dtype):
+    """MMLU 5-shot on the embedded model, fp32 and bf16: the same per-item scores with and without the cache."""
     got = {}
     for on in (True, False):
-        cfg = make_cfg("model=smollm2_135m", "eval=embedded", "eval.limit=6", "eval.tasks=[qexp_mmlu]",
-                       f"eval.prefix_cache={on}", "eval.lm_eval_batch_size=4")
+        cfg = make_cfg("model=smollm2_135m", f"model.dtype={dtype}", "eval=embedded", "eval.limit=6",
+                       "eval.tasks=[qexp_mmlu]", f"eval.prefix_cache={on}", "eval.lm_eval_batch_size=4")
         model, tok = models.load(cfg.model, cfg.cache_dir)
         got[on] = accuracy(model, tok, cfg.eval, cfg.cache_dir)
     assert got[True][1]["items"] == got[False][1]["items"]

@@ -45,6 +45,16 @@ def test_bench_writes_json_and_markdown_with_ratios_to_lora(tmp_path, capsys):
     assert any("merged integer eval" in t for t in saved["targets"])
 
 
+def test_memory_ratio_is_none_when_an_in_process_rss_delta_is_not_positive():
+    """A negative RSS delta (reused heap pages) gives no ratio, not a misleading 1.0 for LoRA against itself."""
+    from qexp.bench.report import summarize
+
+    rows = [{"method": "lora", "peak_mb": -3.0, "step_ms": 2.0}, {"method": "peqa", "peak_mb": 5.0, "step_ms": 4.0}]
+    summarize(rows, "lora")
+    assert [r["x_lora_mem"] for r in rows] == [None, None]
+    assert [r["x_lora_step"] for r in rows] == [1.0, 2.0]
+
+
 def test_isolated_worker_process_round_trips(tmp_path):
     """The per-method job in a fresh process (the default): its pickles load back here."""
     import torch

@@ -52,7 +52,8 @@ def summarize(rows: list[dict], reference: str) -> None:
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+    """``a / b`` when both are positive and finite; None otherwise (an in-process RSS delta can be <= 0)."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
         return None
     return a / b
 

@@ -21,7 +21,7 @@ run: setup
 	$(PY) -m qexp.run $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n auto tests $(ARGS)  # one worker per core
 
 lint: setup
 	$(VENV)/bin/ruff check qexp tests

@@ -74,19 +74,19 @@ def test_one_and_two_layers_predict_four_and_six(method):
                 assert pred == pytest.approx(measured[stage][128], rel=rel), (method, stage, k)
 
 
-def test_bits_leave_memory_unchanged_so_cells_share_a_measurement():
+@pytest.mark.parametrize("method", sorted(registry()))
+def test_bits_leave_memory_unchanged_so_cells_share_a_measurement(method):
     planner = Planner()
-    for method in sorted(registry()):
-        peaks = []
-        for bits in (2, 4):
-            cfg = compose_cfg(method, ["model=tiny_random", f"bits={bits}"])
-            measured = planner.measure(cfg, arch_config(cfg), 1)  # one layer: bits act per layer
-            peaks.append({s: measured[s] for s in STAGES if s in measured})
-        for stage, by_tokens in peaks[0].items():
-            for tau, mb in by_tokens.items():
-                # QWHA's AdaAlloc splits its budget by each channel's quantization error, which bits
-                # change, and its top-k transient follows the largest count
-                assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.015 if method == "qwha" else 0), (method, stage)
+    peaks = []
+    for bits in (2, 4):
+        cfg = compose_cfg(method, ["model=tiny_random", f"bits={bits}"])
+        measured = planner.measure(cfg, arch_config(cfg), 1)  # one layer: bits act per layer
+        peaks.append({s: measured[s] for s in STAGES if s in measured})
+    for stage, by_tokens in peaks[0].items():
+        for tau, mb in by_tokens.items():
+            # QWHA's AdaAlloc splits its budget by each channel's quantization error, which bits
+            # change, and its top-k transient follows the largest count
+            assert peaks[1][stage][tau] == pytest.approx(mb, rel=0.015 if method == "qwha" else 0), (method, stage)
 
 
 def test_cells_that_differ_in_bits_share_a_measurement_even_with_a_by_bits_lr():

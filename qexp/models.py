@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
@@ -72,19 +73,27 @@ def _placement(device: torch.device | str | None) -> dict:
 def _embedded_dir(cfg: ModelConfig, cache: Path) -> Path:
     """Dequantize the packaged GGUF once into a safetensors checkpoint under ``cache``."""
     out = cache / cfg.name
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+
+    def done() -> bool:
+        return (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+    if done():
         return out
-    pkg = gguf_path(cfg).parent
-    log.info("dequantizing %s once into %s", cfg.gguf_file, out)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=cfg.gguf_file, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=cfg.gguf_file)
-    model.hf_quantizer = None  # the weights are plain fp32 now; drop the GGUF marker to save them
-    del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # a partial cache from an interrupted run
-    tmp.replace(out)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # another process converting: wait, then use its cache
+        if done():
+            return out
+        pkg = gguf_path(cfg).parent
+        log.info("dequantizing %s once into %s", cfg.gguf_file, out)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=cfg.gguf_file)
+        model.hf_quantizer = None  # the weights are plain fp32 now; drop the GGUF marker to save them
+        del model.config.quantization_config
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)  # a partial cache from an interrupted run
+        tmp.replace(out)
     return out
 
 

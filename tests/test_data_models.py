@@ -82,3 +82,28 @@ def test_batches_cycle_epochs_and_skip():
     assert sorted(torch.cat(seen[:3]).flatten().tolist()) == list(range(12))
     resumed = data.batches(chunks, 2, seed=0, start=4)
     assert torch.equal(next(resumed)["input_ids"], seen[4])
+
+
+def test_a_second_process_waits_for_the_embedded_conversion_and_reuses_it(tmp_path, monkeypatch):
+    """Parallel test workers or launches on an empty cache: one converts the GGUF, the others wait on
+    its lock and then load its files; none converts again nor deletes the cache under another's feet."""
+    import threading
+
+    from filelock import FileLock
+
+    def convert(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", convert)
+    out = tmp_path / models.EMBEDDED.name
+    result = {}
+    with FileLock(str(out) + ".lock"):  # "another process" converting
+        t = threading.Thread(target=lambda: result.setdefault("dir", models._embedded_dir(models.EMBEDDED, tmp_path)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # waiting on the lock, not converting
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"x")
+        (out / "tokenizer.json").write_text("{}")
+    t.join(10)
+    assert result["dir"] == out and (out / "model.safetensors").read_bytes() == b"x"

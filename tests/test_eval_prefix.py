@@ -42,6 +42,52 @@ def test_logits_equal_the_plain_forward_and_the_prefix_runs_once():
     assert (cache.misses, cache.hits, len(cache.tokens)) == (2, 3, 19)
 
 
+@pytest.mark.parametrize("start", [1, 12, 20, 25, 99])
+def test_logits_from_a_start_position_equal_the_plain_forwards_tail(start):
+    """Only the positions lm-eval scores: before, inside and after the cached prefix, and past the end."""
+    model = tiny_llama(vocab=128)
+    torch.manual_seed(2)
+    prefix = torch.randint(0, 128, (20,))
+    cache = PrefixCache(model, min_len=8)
+    for inps in (torch.cat([prefix.expand(3, -1), torch.randint(0, 128, (3, 9))], dim=1),  # miss, then hit
+                 torch.cat([prefix.expand(2, -1), torch.randint(0, 128, (2, 6))], dim=1),
+                 torch.randint(0, 128, (2, 30))):  # no shared prefix: the plain forward
+        with torch.no_grad():
+            want = model(inps).logits[:, min(start, inps.shape[1] - 1):]
+            torch.testing.assert_close(cache.logits(inps, start), want, rtol=1e-5, atol=1e-5)
+    assert (cache.misses, cache.hits) == (1, 1)
+
+
+def test_prefix_lm_loglikelihoods_equal_hflm_on_multi_token_continuations():
+    """PrefixLM against lm-eval's own HFLM on the embedded model: contexts that share a prefix, multi-token
+    continuations (two that share their first token), and one context shorter than the rest."""
+    from lm_eval.models.huggingface import HFLM
+
+    from qexp.eval.prefix import PrefixLM
+
+    cfg = make_cfg("model=smollm2_135m")
+    model, tok = models.load(cfg.model, cfg.cache_dir)
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(100, 20000, (n,), generator=g).tolist()
+
+    shared, first = toks(70), toks(1)
+    reqs = [(("", ""), shared + toks(3 + i), toks(1 + i % 4)) for i in range(9)]
+    reqs += [(("", ""), [*shared, 7, 8], first + toks(3)), (("", ""), [*shared, 7, 8], first + toks(2))]
+    plain = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+    lm = PrefixLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+    lm.prefix = PrefixCache(model)
+    # scored from position 71 (past the cached prefix), then from 4 (a 5-token context: prefix logits kept)
+    for call, start in ((reqs, 71), ([*reqs, (("", ""), toks(5), toks(3))], 4)):
+        want, got = plain._loglikelihood_tokens(call), lm._loglikelihood_tokens(call)
+        assert lm.start == start
+        assert [g[1] for g in got] == [w[1] for w in want]
+        torch.testing.assert_close(torch.tensor([g[0] for g in got]), torch.tensor([w[0] for w in want]),
+                                   rtol=1e-4, atol=1e-4)
+    assert lm.prefix.hits >= 2  # the shared prefix went through the cache
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_accuracy_items_equal_without_the_cache(dtype):
     """MMLU 5-shot on the embedded model, fp32 and bf16: the same per-item scores with and without the cache."""

@@ -4,8 +4,11 @@ A few-shot task puts the same description and exemplars before every item: on MM
 offline pack they are its first 375 tokens, most of an item, so lm-eval's plain forwards spend most of
 the pass on tokens they have already seen. :class:`PrefixCache` runs the batch's common prefix once, keeps
 its keys/values and logits, and for each later batch that starts with the same tokens runs only the
-rest on a copy of that cache. It returns the logits of every position, as ``model(inps).logits`` does
-(the same numbers up to float summation order), so lm-eval reads them unchanged.
+rest on a copy of that cache. It returns ``model(inps).logits`` (the same numbers up to float summation
+order) from the first position that any request of lm-eval's call scores: before it, the rows hold only
+context, whose logits lm-eval would put through a log-softmax over the vocabulary and then drop. The
+positions are dropped before the LM head (``logits_to_keep``), and lm-eval, which reads a shorter logits
+row as leading virtual tokens, takes each continuation's log-probs from the right positions.
 
 Only lm-eval's multiple-choice / loglikelihood forwards use it (no attention mask: causal models,
 right padding); generation keeps lm-eval's own path. Every qexp quantizer is per token (activations,
@@ -40,10 +43,18 @@ class PrefixCache:
         self.hits = self.misses = 0
         # transformers >= 5.2x names the cache argument and output `cache`, earlier `past_key_values`
         self.kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def logits(self, inps: torch.Tensor) -> torch.Tensor:
-        """``model(inps).logits``, reusing the cached prefix's keys/values when ``inps`` starts with it."""
+    def _forward(self, inps: torch.Tensor, keep: int, **kw: Any) -> torch.Tensor:
+        """The logits of the last ``keep`` positions of ``inps`` (the LM head runs on those only)."""
+        if self.keep:
+            return self.model(inps, logits_to_keep=keep, **kw).logits
+        return self.model(inps, **kw).logits[:, -keep:]
+
+    def logits(self, inps: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``model(inps).logits[:, start:]``, reusing the cached prefix's keys/values when ``inps`` starts with it."""
         b, t = inps.shape
+        start = min(start, t - 1)
         p = min(common_prefix(inps), t - 1)  # at least one new token per forward
         n = 0 if self.tokens is None else len(self.tokens)
         if n and n <= p and torch.equal(inps[0, :n], self.tokens):
@@ -53,11 +64,14 @@ class PrefixCache:
             self.tokens, self.kv, self.logits_ = inps[0, :p].clone(), getattr(out, self.kw), out.logits
             self.misses += 1
         else:
-            return self.model(inps).logits
+            return self._forward(inps, t - start)
+        n = len(self.tokens)
         kv = copy.deepcopy(self.kv)
         kv.batch_repeat_interleave(b)
-        rest = self.model(inps[:, len(self.tokens):], use_cache=True, **{self.kw: kv}).logits
-        return torch.cat([self.logits_.expand(b, -1, -1).to(rest.dtype), rest], dim=1)
+        rest = self._forward(inps[:, n:], t - max(start, n), use_cache=True, **{self.kw: kv})
+        if start >= n:
+            return rest
+        return torch.cat([self.logits_[:, start:].expand(b, -1, -1).to(rest.dtype), rest], dim=1)
 
 
 class PrefixLM(HFLM):
@@ -65,6 +79,14 @@ class PrefixLM(HFLM):
     fresh one per task); seq2seq calls (mask or labels) keep HFLM's own path."""
 
     prefix: PrefixCache | None = None
+    start = 0  # the first position that any request of the current call scores
+
+    def _loglikelihood_tokens(self, requests: list, *args: Any, **kwargs: Any) -> list:
+        """HFLM's, after noting the first scored position: a row of context + continuation (left-truncated
+        to ``max_length + 1``, the last token dropped) scores its last ``len(continuation)`` positions."""
+        firsts = [min(len(ctx) + len(cont), self.max_length + 1) - 1 - len(cont) for _, ctx, cont in requests]
+        self.start = max(min(firsts, default=0), 0)
+        return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,4 +94,4 @@ class PrefixLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
         amp = self.mixed_precision_dtype
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=amp, enabled=amp is not None):
-            return self.prefix.logits(inps)
+            return self.prefix.logits(inps, self.start)

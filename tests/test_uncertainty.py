@@ -163,6 +163,13 @@ def test_plots_log_axes_seed_error_bars_grid_bits_and_budget():
     want = [np.mean([r["metrics"][PPL] for _, r in recs[i:i + 2]]) for i in (0, 2)]
     assert list(lines) == pytest.approx(want)
     assert analysis.plot_vs_bits(df).axes[0].get_yscale() == "log"
+    per_bits = [record("lrqat", s, windows(level, s)) for s, level in ((0, 3.0), (1, 3.1), (0, 2.0))]
+    for (_, r), bits in zip(per_bits, (2, 2, 4), strict=True):
+        r["config"]["bits"] = bits
+        r["cell_id"] += f"-w{bits}"
+    df3 = from_records([(p + str(i), r) for i, (p, r) in enumerate(per_bits)]).df
+    bits_legend = [t.get_text() for t in analysis.plot_vs_bits(df3).axes[0].get_legend().get_texts()]
+    assert bits_legend == ["lrqat (n=1–2)"]  # two seeds at 2 bits, one at 4: the legend says both
     assert "bits per quantized weight" in analysis.plot_pareto(df).axes[0].get_xlabel()
     losses = analysis.plot_losses(df).axes[0]
     assert any("100 steps, n=2" in t.get_text() for t in losses.get_legend().get_texts())

@@ -61,6 +61,12 @@ def _errors(s: pd.DataFrame, k: float) -> np.ndarray:
     return np.vstack([np.where(seeds, lo, 0), np.where(seeds, hi, 0)]) * k
 
 
+def _n(s: pd.DataFrame) -> str:
+    """Seeds per point for a legend: ``n=3``, or ``n=1–3`` when the points differ."""
+    lo, hi = int(s["n"].min()), int(s["n"].max())
+    return f"n={lo}" if lo == hi else f"n={lo}–{hi}"
+
+
 def _plain_log(axis: Axis) -> None:
     """Plain numbers (30, 40, 60) on a log axis that spans less than a decade, not 3×10¹, 4×10¹."""
     lo, hi = sorted(axis.get_view_interval())
@@ -89,7 +95,7 @@ def plot_vs_bits(df: pd.DataFrame, metric: str | None = None, model: str | None 
         g = g[g["group_size"] == group].groupby("bits").first().sort_index()  # one setting per bit width
         if len(g):
             ax.errorbar(g.index.astype(int), g["mean"] * k, yerr=_errors(g, k), marker="o", capsize=3,
-                        label=f"{method} (n={int(g['n'].min())})", color=next(colors))
+                        label=f"{method} ({_n(g)})", color=next(colors))
     m = M.parse(name)
     fp = d[d["metric"] == f"{m.kind}/{m.target}/fp"]["value"]
     if len(fp):
@@ -199,7 +205,7 @@ def plot_vs_steps(df: pd.DataFrame, metric: str | None = None, model: str | None
             continue
         g = g.sort_values("train.steps")
         ax.errorbar(g["train.steps"], g["mean"] * k, yerr=_errors(g, k), marker="o", capsize=3, color=color,
-                    label=f"{method} (n={int(g['n'].min())})")
+                    label=f"{method} ({_n(g)})")
     if M.parse(name).kind == "ppl":
         ax.set_yscale("log")
         _plain_log(ax.yaxis)

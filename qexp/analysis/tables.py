@@ -451,7 +451,7 @@ def _notes(sp: dict, values: pd.DataFrame, keys: list[str], used: set, swaps: se
     for method, want in sp.get("expect", {}).items():
         cells = ours[ours["method"] == method].drop_duplicates("cell_id")
         for key, val in want.items():
-            got = sorted(set(cells[key].astype(str))) if key in cells else []
+            got = sorted({str(v) for v in cells[key]}) if key in cells else []  # a missing key: 'nan'
             if got and got != [str(val)]:
                 notes.append(f"{method} ran with {key}={','.join(got)}; the paper's setting is {key}={val}.")
     if values["proxy"].any():

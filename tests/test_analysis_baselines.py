@@ -63,6 +63,15 @@ def test_lrqat_table2_phi_variants_fill_their_columns():
     assert v.at["lrqat_phi_fp32", "paper"] == 5.69
 
 
+def test_a_record_without_the_variant_key_ran_with_the_methods_default():
+    """L4Q Table 4's L4Q-init cell is reused from a sweep that predates ``method.init``: it is L4Q's default."""
+    inits = (None, "lsq", "symm", "asymm")
+    recs = [record("l4q_t4_embedded", i, "l4q", method_cfg={"init": init} if init else {},
+                   metrics={"ppl/wikitext_sample/final": 27.0 + i}) for i, init in enumerate(inits)]
+    v = analysis.table(from_records(recs).df, "l4q_t4").values.set_index("method")["ours"]
+    assert v.to_dict() == {"l4q_init_lsq": 28.0, "l4q_init_symm": 29.0, "l4q_init_asymm": 30.0, "l4q_init_l4q": 27.0}
+
+
 def test_efficientqat_table4_reads_each_methods_row():
     recs = [record("efficientqat_t4_embedded", i, m, metrics={"ppl/wikitext_sample/final": 20.0 + i,
                                                               "ppl/wikitext_sample/unmerged": 10.0 + i})

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -254,17 +255,32 @@ def runnable(paper: str | None = None) -> tuple[int, int, list[str]]:
     return int(hit.sum()), len(rows), sorted(set(rows.loc[~hit, "method"]))
 
 
+@cache
+def method_default(method: str, key: str) -> object:
+    """``key`` (``method.init``) in ``conf/method/<method>.yaml``, the value a record without it ran with."""
+    path = Path(__file__).resolve().parents[2] / "conf" / "method" / f"{method}.yaml"
+    node = yaml.safe_load(path.read_text()) if path.exists() else {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def variants(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """Cells of a method run with a variant's config (``tables.yaml`` ``variants``, e.g. ``qwha_dct``:
-    qwha with ``method.transform=dct``) are that variant's, not the method's, in tables that list it."""
+    qwha with ``method.transform=dct``) are that variant's, not the method's, in tables that list it.
+    A record from before the key existed (NaN) ran with the method's default (``method_default``)."""
     spec_ = registry().get("variants", {})
     df = df.copy()
     for v in names:
         if v not in spec_:
             continue
-        hit = df["method"] == spec_[v]["method"]
+        method = spec_[v]["method"]
+        hit = df["method"] == method
         for key, val in spec_[v].get("config", {}).items():
-            hit &= df[key].astype(str) == str(val) if key in df else False
+            default = method_default(method, key)
+            got = df[key] if key in df else pd.Series(np.nan, index=df.index)
+            got = got.astype(object).where(got.notna(), default)
+            hit &= got.astype(str) == str(val)
         df.loc[hit, "method"] = v
     return df
 

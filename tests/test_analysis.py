@@ -303,7 +303,6 @@ def test_every_model_config_is_named_in_the_table_registry():
         assert set(aliases or []) <= csv_models, (model, aliases)
 
 
-
 def test_every_table_renders_from_the_committed_records():
     """What the notebook does on the repository's own results: each table from its sweeps' records (all
     records where its sweeps have none) either renders or refuses mixed settings; nothing else raises."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, experiments/
+CONF = ROOT / "conf"  # Hydra's config directory
 BITS = (2, 3, 4, 8)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
 STAGES = ("fp", "base", "unmerged", "final")  # evaluation stages, in pipeline order

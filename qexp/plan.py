@@ -58,7 +58,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from . import adapt, models
 from .bench.measure import MB, TensorMemory
 from .bench.worker import Trainer
-from .config import ConfigError, check_group_size, method_config, register, validate
+from .config import CONF, ROOT, ConfigError, check_group_size, method_config, register, validate
 from .eval import perplexity
 from .methods import cloq as cloq_module
 from .methods import get as get_method
@@ -69,7 +69,6 @@ from .quant.gptq import CALIB_BATCH
 from .train import _activation_checkpointing as activation_checkpointing
 
 log = logging.getLogger("qexp.plan")
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = Path(__file__).with_name("archs")  # config.json of the hub models, for offline plans
 STAGES = ("load", "base", "attach", "train", "optimizer", "merge", "eval")
 GIB = 2**30
@@ -146,7 +145,7 @@ def compose_cells(overrides: list[str], multirun: bool) -> list[Cell]:
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     axes: dict[str, list[str]] = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         if multirun:
             hcfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
             fixed_keys = {o.get_key_element() for o in parsed if not o.is_sweep_override()}

@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import os
 from functools import cache
-from pathlib import Path
 
 import hydra
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from . import adapt, data, dist, export, models
-from .config import STAGES, check_group_size, method_config, register
+from .config import ROOT, STAGES, check_group_size, method_config, register
 from .eval import accuracy, check_generation, perplexity
 from .eval.lmeval import suite_note
 from .methods import get as get_method
@@ -28,7 +27,7 @@ from .train import train
 log = logging.getLogger("qexp")
 register()
 # conf/config.yaml adds $QEXP_ROOT/experiments to Hydra's search path (`+experiment=<name>`).
-os.environ.setdefault("QEXP_ROOT", str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("QEXP_ROOT", str(ROOT))
 
 
 def run_cell(cfg: DictConfig) -> dict:

@@ -72,6 +72,18 @@ def test_a_record_without_the_variant_key_ran_with_the_methods_default():
     assert v.to_dict() == {"l4q_init_lsq": 28.0, "l4q_init_symm": 29.0, "l4q_init_asymm": 30.0, "l4q_init_l4q": 27.0}
 
 
+def test_a_numeric_variant_matches_when_other_records_make_its_column_float():
+    """L4Q Tables 5/6 (``method.rank``) loaded with every other record: records without a rank make the
+    column float (1.0), which is still rank 1."""
+    recs = [record("l4q_t56_embedded", i, "l4q", method_cfg={"rank": r},
+                   metrics={"ppl/wikitext_sample/final": 27.0 + i}) for i, r in enumerate((1, 128))]
+    recs.append(record("lrqat_t4_embedded", 2, "rtn", metrics={"ppl/wikitext_sample/final": 50.0}))
+    df = from_records(recs).df
+    assert df["method.rank"].dtype == float
+    v = analysis.table(df, "l4q_t56").values.set_index("method")["ours"].dropna()
+    assert v.to_dict() == {"l4q_r1": 27.0, "l4q_r128": 28.0}
+
+
 def test_efficientqat_table4_reads_each_methods_row():
     recs = [record("efficientqat_t4_embedded", i, m, metrics={"ppl/wikitext_sample/final": 20.0 + i,
                                                               "ppl/wikitext_sample/unmerged": 10.0 + i})

@@ -86,6 +86,19 @@ def test_one_seed_without_per_window_data_is_unresolved_never_holds(monkeypatch)
     assert o["basis"].startswith("seeds (t") and o["verdict"] == "unresolved"  # 2 and 1 better: t(1) is wide
 
 
+def test_a_cell_copied_into_another_sweep_keeps_its_own_records_windows():
+    """One cell id in two records (a cell copied into another sweep, or rerun there): each value's
+    interval comes from its own record. Keyed by cell id, the other record's windows (another run) gave
+    this one an interval it has no data for."""
+    old = record("lrqat", 0, None, value=10.0)  # this table's record: from before per-window NLL
+    copy_ = record("lrqat", 0, windows(3.0, 0), sweep="budget_embedded")  # same cell id, another sweep
+    t = analysis.table(from_records([old, record("rtn", 0, None, value=20.0), copy_]).df, "lrqat_t4")
+    assert "10.00 [" in t.markdown() and "10.00 ±" not in t.markdown()
+    assert pair(t, "lrqat", "rtn")["basis"].startswith("none: 1 seed and no per-window data")
+    s = analysis.seed_summary(from_records([copy_, old]).df, PPL)  # the first record of the cell, its windows
+    assert s.iloc[0]["basis"] == "windows (1 seed)" and s.iloc[0]["mean"] == pytest.approx(copy_[1]["metrics"][PPL])
+
+
 def test_the_window_bootstrap_is_paired(monkeypatch):
     """A small, consistent gain on every window resolves although the windows differ far more than that:
     both cells are resampled on the same windows. Resampled independently, it would not resolve."""

@@ -9,8 +9,8 @@ preempted, running, corrupt) go to :attr:`Results.failed` and never into the met
 ones (a stop signal: the sweep's command resumes them) are also :attr:`Results.preempted`. ``ok``
 records whose final model is degenerate stay in, and their warnings are :attr:`Results.warnings`.
 The per-window NLL and per-item scores of the ok records (:mod:`.uncertainty`) ride along in
-``df.attrs["units"]`` (cell_id → metric → arrays), so tables can bootstrap them, and the training
-losses per step in ``df.attrs["losses"]`` (cell_id → list), for the loss curves.
+``df.attrs["units"]`` (record path → metric → arrays), so tables can bootstrap them, and the training
+losses per step in ``df.attrs["losses"]`` (record path → list), for the loss curves.
 """
 
 from __future__ import annotations
@@ -153,10 +153,12 @@ def from_records(recs: list[tuple[str, dict]]) -> Results:
         u = record_units(rec)
         if Path(path).name == "result.json":  # a directory's record: lm-eval samples beside it, if any
             u = sample_units(Path(path).parent, rec) | u
+        # by record, not cell_id: one cell id can be in several records (a cell copied into another
+        # sweep, or rerun), and each row's interval must come from its own record's windows
         if u:
-            units[info["cell_id"]] = u
+            units[path] = u
         if (rec.get("train") or {}).get("losses"):
-            losses[info["cell_id"]] = rec["train"]["losses"]
+            losses[path] = rec["train"]["losses"]
         for name, value in record_metrics(rec).items():
             m = M.parse(name)
             rows.append({**info, "metric": m.name, "kind": m.kind, "target": m.target, "stage": m.stage,

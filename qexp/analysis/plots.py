@@ -227,8 +227,7 @@ def plot_losses(df: pd.DataFrame, model: str | None = None, bits: int | None = N
     ``smooth`` steps, the raw losses faint behind it."""
     d = _model(df, model)
     losses = df.attrs.get("losses") or {}
-    cells = d.drop_duplicates("cell_id")
-    cells = cells[cells["cell_id"].isin(list(losses))]
+    cells = d[d["path"].isin(list(losses))].drop_duplicates("cell_id")
     if cells.empty:
         raise ValueError("no training losses in the records")
     bits = int(np.median(sorted(set(cells["bits"])))) if bits is None else bits  # 2, 3, 4 → 3
@@ -239,9 +238,9 @@ def plot_losses(df: pd.DataFrame, model: str | None = None, bits: int | None = N
     colors = _colors()
     lengths = set()
     for method, g in cells.groupby("method"):
-        n = max(len(losses[c]) for c in g["cell_id"])
+        n = max(len(losses[p]) for p in g["path"])
         lengths.add(n)
-        runs = np.array([losses[c] for c in g["cell_id"] if len(losses[c]) == n])  # the longest run's seeds
+        runs = np.array([losses[p] for p in g["path"] if len(losses[p]) == n])  # the longest run's seeds
         mean, color = runs.mean(axis=0), next(colors)
         w = min(smooth, n)
         ax.plot(np.arange(1, n + 1), mean, color=color, alpha=0.2, lw=0.8)

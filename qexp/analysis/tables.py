@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from ..config import CONF
 from . import metrics as M
 from . import uncertainty as U
 
@@ -212,7 +212,7 @@ def _ours(recs: list, row: dict, method: str, col: dict, sp: dict, stage: str,
     for r in hit:
         per_seed.setdefault(r.seed, r)
     cells = U.Cells(name, list(per_seed), [r.value for r in per_seed.values()],
-                    [units.get(r.cell_id, {}).get(name) for r in per_seed.values()])
+                    [units.get(r.path, {}).get(name) for r in per_seed.values()])
     return cells.mean() * M.scale(name), name, len({r.cell_id for r in hit}), cells
 
 
@@ -258,7 +258,7 @@ def runnable(paper: str | None = None) -> tuple[int, int, list[str]]:
 @cache
 def method_default(method: str, key: str) -> object:
     """``key`` (``method.init``) in ``conf/method/<method>.yaml``, the value a record without it ran with."""
-    path = Path(__file__).resolve().parents[2] / "conf" / "method" / f"{method}.yaml"
+    path = CONF / "method" / f"{method}.yaml"
     node = yaml.safe_load(path.read_text()) if path.exists() else {}
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -280,7 +280,10 @@ def variants(df: pd.DataFrame, names: list[str]) -> pd.DataFrame:
             default = method_default(method, key)
             got = df[key] if key in df else pd.Series(np.nan, index=df.index)
             got = got.astype(object).where(got.notna(), default)
-            hit &= got.astype(str) == str(val)
+            if isinstance(val, int | float) and not isinstance(val, bool):  # 1 == 1.0: a column with NaN
+                hit &= pd.to_numeric(got, errors="coerce") == val  # elsewhere in the records is float
+            else:
+                hit &= got.astype(str) == str(val)
         df.loc[hit, "method"] = v
     return df
 
@@ -368,7 +371,8 @@ def table(df: pd.DataFrame, name: str, paper_model: str | None = None, stage: st
     real = [m for m in sp["methods"] if m not in registry()["sixteen_bit"]]
     expect = sorted({k for want in sp.get("expect", {}).values() for k in want} & set(df.columns))
     units = df.attrs.get("units") or {} if units is None else units  # per-window / per-item data (load)
-    ours = df[["model", "method", "bits", "group_size", "seed", "cell_id", "sweep", "metric", "value", *expect]]
+    ours = df[["model", "method", "bits", "group_size", "seed", "cell_id", "sweep", "metric", "value", "path",
+               *expect]]
     scope = df
     for k, v in where.items():
         scope = scope[(scope[k] == v) | scope["method"].isin(registry()["sixteen_bit"])]

@@ -46,7 +46,7 @@ HARMLESS = ("eval.log_samples", "eval.lm_eval_batch_size", "eval.batch_size", "t
 
 
 class Units(dict):
-    """cell_id → {metric name: [arrays]}; kept in ``DataFrame.attrs`` without being deep-copied
+    """record path → {metric name: [arrays]}; kept in ``DataFrame.attrs`` without being deep-copied
     by every pandas operation."""
 
     def __deepcopy__(self, memo: dict) -> Units:
@@ -320,7 +320,7 @@ def settings(df: pd.DataFrame, metric: str) -> tuple[list[str], list[tuple[dict,
         g = g.drop_duplicates("seed")
         out.append((dict(zip(keys, key, strict=True)),
                     Cells(metric, [int(x) for x in g["seed"]], list(g["value"]),
-                          [units.get(i, {}).get(metric) for i in g["cell_id"]])))
+                          [units.get(p, {}).get(metric) for p in g["path"]])))
     return keys, out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ROOT
 from ..methods import registry
 from . import report
 from .measure import WORKER_ENV, clock, device, machine, median, no_gc
@@ -98,7 +99,7 @@ def run_job(job: dict, tmp: Path, isolate: bool) -> list[dict]:
     t0 = time.perf_counter()
     if isolate:
         env = {**os.environ, **WORKER_ENV}
-        src = str(Path(__file__).resolve().parents[2])
+        src = str(ROOT)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
         # imported by name (not run as __main__), so the pickled holder classes resolve in this process
         entry = "import sys; from qexp.bench.worker import main; main(sys.argv[1])"

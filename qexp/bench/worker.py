@@ -25,14 +25,12 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from .. import adapt, data, models
-from ..config import calibrated_stages, check_group_size, method_config, register, validate
+from ..config import CONF, ROOT, calibrated_stages, check_group_size, method_config, register, validate
 from ..methods import Method, MethodLayer
 from ..methods import get as get_method
 from ..quant import QuantSpec
 from .measure import Memory, clock, device, materialize, tensor_mb
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
 N_BATCHES = 4  # distinct training batches, cycled
 MERGE_PROBE_TOKENS = 64
 

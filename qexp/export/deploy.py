@@ -36,7 +36,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from .. import data, models
-from ..config import register
+from ..config import CONF, register
 from ..eval import perplexity
 from ..quant import QuantLinear, QuantSpec, rtn
 from . import engines, export_model, gguf_file, load
@@ -44,7 +44,6 @@ from .checkpoint import float_state
 from .engines import EngineMissing
 
 log = logging.getLogger("qexp")
-CONF = Path(__file__).resolve().parents[2] / "conf"
 COMMAND = "python -m qexp.export.deploy"
 GROUP = 64
 

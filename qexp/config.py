@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,8 @@ class Config:
 
 def register() -> None:
     """Put the schema in Hydra's ConfigStore (``conf/config.yaml`` lists ``base_config`` first)."""
+    # conf/config.yaml adds $QEXP_ROOT/experiments to Hydra's search path (`+experiment=<name>`)
+    os.environ.setdefault("QEXP_ROOT", str(ROOT))
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in [("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),

@@ -41,7 +41,6 @@ import copy
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from . import adapt, models
 from .bench.measure import MB, TensorMemory
 from .bench.worker import Trainer
-from .config import CONF, ROOT, ConfigError, check_group_size, method_config, register, validate
+from .config import CONF, ConfigError, check_group_size, method_config, register, validate
 from .eval import perplexity
 from .methods import cloq as cloq_module
 from .methods import get as get_method
@@ -141,7 +140,6 @@ class Cell:
 def compose_cells(overrides: list[str], multirun: bool) -> list[Cell]:
     """The cells ``python -m qexp.run <overrides> [--multirun]`` would run, each validated."""
     register()
-    os.environ.setdefault("QEXP_ROOT", str(ROOT))
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     axes: dict[str, list[str]] = {}

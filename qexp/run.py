@@ -6,7 +6,6 @@ load → quantize → adapt → train → merge → evaluate → record (→ exp
 from __future__ import annotations
 
 import logging
-import os
 from functools import cache
 
 import hydra
@@ -14,7 +13,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from . import adapt, data, dist, export, models
-from .config import ROOT, STAGES, check_group_size, method_config, register
+from .config import STAGES, check_group_size, method_config, register
 from .eval import accuracy, check_generation, perplexity
 from .eval.lmeval import suite_note
 from .methods import get as get_method
@@ -26,8 +25,6 @@ from .train import train
 
 log = logging.getLogger("qexp")
 register()
-# conf/config.yaml adds $QEXP_ROOT/experiments to Hydra's search path (`+experiment=<name>`).
-os.environ.setdefault("QEXP_ROOT", str(ROOT))
 
 
 def run_cell(cfg: DictConfig) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from .. import adapt, data, models
-from ..config import CONF, ROOT, calibrated_stages, check_group_size, method_config, register, validate
+from ..config import CONF, calibrated_stages, check_group_size, method_config, register, validate
 from ..methods import Method, MethodLayer
 from ..methods import get as get_method
 from ..quant import QuantSpec
@@ -38,7 +37,6 @@ MERGE_PROBE_TOKENS = 64
 def compose_cfg(method: str, overrides: list[str]) -> DictConfig:
     """The config ``python -m qexp.run method=<method> <overrides>`` would run (W&B off), checked."""
     register()
-    os.environ.setdefault("QEXP_ROOT", str(ROOT))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"method={method}", "tracking=disabled", *overrides])
     validate(cfg)

@@ -208,6 +208,36 @@ def test_pairwise_over_two_sweeps_from_the_cli(tmp_path, capsys):
     assert "| smollm2_135m | 3 | 64 | embedded | lrqat | rtn |" in out and "| 3, 3 | holds | seeds×windows |" in out
 
 
+def test_pairwise_along_a_study_axis(tmp_path, capsys):
+    """An ablation varies a key within one method (LR-QAT Table 2: ``method.phi``): ``along`` pairs its values,
+    which pairing by method never does; a key that is not a setting is refused with the valid ones."""
+    import json
+
+    recs = []
+    for phi, level in (("int8", 3.0), ("fp32", 3.6)):
+        for s in range(3):
+            path, r = record("lrqat", s, windows(level, s + (10 if phi == "fp32" else 0)))
+            r["config"]["method"]["phi"], r["cell_id"] = phi, r["cell_id"] + phi
+            recs.append((path.replace("lrqat-", f"lrqat-{phi}-"), r))
+    df = from_records(recs).df
+    assert analysis.pairwise(df, PPL).empty  # one method: no pair of methods
+    pw = analysis.pairwise(df, PPL, along="method.phi")
+    assert len(pw) == 1 and (pw.iloc[0]["better"], pw.iloc[0]["worse"]) == ("int8", "fp32")
+    assert pw.iloc[0]["verdict"] == "holds" and pw.iloc[0]["n_better"] == 3 == pw.iloc[0]["n_worse"]
+    with pytest.raises(KeyError, match="along='method.rank'.*method.phi"):
+        analysis.pairwise(df, PPL, along="method.rank")
+    for _, r in recs:
+        (tmp_path / r["cell_id"]).mkdir()
+        (tmp_path / r["cell_id"] / "result.json").write_text(json.dumps(r))
+    assert main([str(tmp_path), "--seeds", "ppl/wikitext_sample", "--along", "method.phi", "--no-plots",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "| int8 | fp32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--seeds", "ppl/wikitext_sample", "--along", "method.rank", "--no-plots",
+              "--out", str(tmp_path / "out")])
+    assert "method.rank" in capsys.readouterr().err
+
+
 def test_stability_finds_where_the_ordering_moves(monkeypatch):
     monkeypatch.setattr(U, "MIN_SEEDS", 1)  # one seed per budget, judged over its windows (--min-seeds 1)
     recs = []

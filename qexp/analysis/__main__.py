@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", action="append", default=[], metavar="METRIC",
                    help="per setting: mean, std, n and 95 %% interval over seeds, and every pair of methods with "
                         "its difference, interval and verdict (e.g. ppl/wikitext_sample; repeatable)")
+    p.add_argument("--along", default="method", metavar="KEY",
+                   help="with --seeds: pair settings that differ only in KEY (default: method; a study's axis, "
+                        "e.g. method.phi, compares its values within each method)")
     p.add_argument("--min-seeds", type=int, default=2,
                    help="seeds an ordering needs before it can hold or flip (default 2: never on one seed; 1: one "
                         "seed with per-window data is judged over the windows / items alone)")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"compare_{metric.replace('/', '_')}.md").write_text(md)
     for metric in a.seeds:
         try:
-            md = seeds_markdown(res.df, metric if parse(metric).stage else f"{metric}/{a.stage}")
+            md = seeds_markdown(res.df, metric if parse(metric).stage else f"{metric}/{a.stage}", along=a.along)
         except KeyError as e:
             p.error(str(e.args[0]))
         print("\n" + md)

@@ -348,17 +348,20 @@ def by_setting(found: list[tuple[dict, Cells]], rest: list[str]) -> dict[tuple, 
     return groups
 
 
-def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
-    """Every pair of methods at each setting (same keys but the method; e.g. each ``train.steps``, where
-    methods that do not train join every budget, as in :func:`stability`): the better one by its mean
-    (``better``, by the metric's direction), the difference, its 95 % interval and verdict
-    (``holds``: the interval excludes 0; ``unresolved`` otherwise)."""
+def pairwise(df: pd.DataFrame, metric: str, draws: int = B, along: str = "method") -> pd.DataFrame:
+    """Every pair of settings that differ only in ``along`` (default: every pair of methods; a study's axis,
+    e.g. ``method.phi``, compares its values within a method). With ``method``, methods that do not train join
+    every budget, as in :func:`stability`. Per pair: the better one by its mean (``better``, by the metric's
+    direction), the difference, its 95 % interval and verdict (``holds``: the interval excludes 0;
+    ``unresolved`` otherwise)."""
     keys, found = settings(df, metric)
+    if along not in keys:
+        raise KeyError(f"along={along!r} is not a setting key of these records; choose one of: {', '.join(keys)}")
     sign = M.direction(metric) or 1
-    rest = [k for k in keys if k != "method"]
+    rest = [k for k in keys if k != along]
     out = []
     for at, members in by_setting(found, rest).items():
-        for (ma, a), (mb, b) in combinations([(key["method"], c) for key, c in members], 2):
+        for (ma, a), (mb, b) in combinations([(str(key[along]), c) for key, c in members], 2):
             (mw, w), (ml, lose) = ((ma, a), (mb, b)) if sign * (a.mean() - b.mean()) >= 0 else ((mb, b), (ma, a))
             c = compare(w, lose, sign, draws)
             out.append({**dict(zip(rest, at, strict=True)), "better": mw, "worse": ml, "better_mean": w.mean(),
@@ -366,10 +369,10 @@ def pairwise(df: pd.DataFrame, metric: str, draws: int = B) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
-    """:func:`seed_summary` and :func:`pairwise` as Markdown (the CLI's ``--seeds METRIC``)."""
+def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B, along: str = "method") -> str:
+    """:func:`seed_summary` and :func:`pairwise` as Markdown (the CLI's ``--seeds METRIC [--along KEY]``)."""
     keys, _ = settings(df, metric)
-    s, pw = seed_summary(df, metric, draws), pairwise(df, metric, draws)
+    s, pw = seed_summary(df, metric, draws), pairwise(df, metric, draws, along)
     k = M.scale(metric)
     f = "{:.4g}".format
     lines = [f"{metric}: mean ± half-width of the 95 % interval over seeds (and eval windows / items where the records "
@@ -380,15 +383,16 @@ def seeds_markdown(df: pd.DataFrame, metric: str, draws: int = B) -> str:
                                                                       d["ci_high"] * k, f),
                                         f(d["std"] * k) if d["std"] == d["std"] else "–", str(d["n"]), d["basis"]])
                      + " |")
-    rest = [c for c in keys if c != "method"]
-    lines += ["", "Every pair at each setting: the better by its mean, the difference [95 % interval], verdict", "",
+    rest = [c for c in keys if c != along]
+    lines += ["", f"Every pair of {along} values at each setting: the better by its mean, the difference "
+              "[95 % interval], verdict", "",
               "| " + " | ".join([*rest, "better", "worse", "difference [95 % CI]", "n", "verdict", "basis"]) + " |",
               "|" + "---|" * (len(rest) + 6)]
     for _, d in pw.iterrows():
         ci = "" if d["ci_low"] != d["ci_low"] else f" [{f(d['ci_low'] * k)}, {f(d['ci_high'] * k)}]"
         lines.append("| " + " | ".join([*(str(d[c]) for c in rest), d["better"], d["worse"], f"{f(d['diff'] * k)}{ci}",
                                         f"{d['n_better']}, {d['n_worse']}", d["verdict"], d["basis"]]) + " |")
-    if "train.steps" in keys:  # a budget study: where the ordering stops moving
+    if "train.steps" in keys and along == "method":  # a budget study: where the ordering stops moving
         st = stability(df, metric, "train.steps", draws)
         other = [c for c in rest if c != "train.steps" and st[c].nunique() > 1]  # e.g. bits, when they vary
         lines += ["", "Ranking per budget (by mean; methods without training at every budget), the pairs whose "

@@ -227,10 +227,10 @@ def test_paired_exact_match_differences(tmp_path, capsys):
         (d.parent / "result.json").write_text(json.dumps({"config": {"method": {"name": method}, "bits": 4}}))
         (d / "qexp_asdiv.jsonl").write_text("".join(json.dumps({"doc_id": i, "exact_match": float(s)}) + "\n"
                                                     for i, s in enumerate(scores)))
-    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4").set_index("cell")
-    assert t.at["lota-w4", "exact_match"] == 0.5 and t.at["lota-w4", "diff"] == pytest.approx(0.25)
+    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4-s0").set_index("cell")
+    assert t.at["lota-w4-s0", "exact_match"] == 0.5 and t.at["lota-w4-s0", "diff"] == pytest.approx(0.25)
     half = 1.96 * pd.Series([1, 0, 0, 0] * 25).std(ddof=1) / 10
-    assert t.at["lota-w4", "ci_low"] == pytest.approx(0.25 - half) and t.at["lota-w4", "verdict"] == "higher"
-    assert (t.at["lota-w4", "a_only"], t.at["lota-w4", "b_only"]) == (25, 0)
+    assert t.at["lota-w4-s0", "ci_low"] == pytest.approx(0.25 - half) and t.at["lota-w4-s0", "verdict"] == "higher"
+    assert (t.at["lota-w4-s0", "a_only"], t.at["lota-w4-s0", "b_only"]) == (25, 0)
     main([str(tmp_path)])
-    assert "| lota-w4 | 100 | 50.0 | +25.0" in capsys.readouterr().out
+    assert "| lota-w4-s0 | 100 | 50.0 | +25.0" in capsys.readouterr().out

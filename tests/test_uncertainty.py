@@ -290,8 +290,33 @@ def test_paired_reads_the_records_items(tmp_path, capsys):
                "eval": {"lm_eval": {"final": {"items": {"qexp_asdiv": {"exact_match": em}}}}}}
         (tmp_path / method).mkdir()
         (tmp_path / method / "result.json").write_text(__import__("json").dumps(rec))
-    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4").set_index("cell")
-    assert t.at["lota-w4", "diff"] == pytest.approx(0.25)
-    assert (t.at["lota-w4", "a_only"], t.at["lota-w4", "b_only"]) == (25, 0)
+    t = paired(item_scores(tmp_path, "qexp_asdiv"), "gptq-w4-s0").set_index("cell")
+    assert t.at["lota-w4-s0", "diff"] == pytest.approx(0.25)
+    assert (t.at["lota-w4-s0", "a_only"], t.at["lota-w4-s0", "b_only"]) == (25, 0)
     with pytest.raises(FileNotFoundError, match="neither in the records"):
         item_scores(tmp_path, "qexp_gsm8k")
+
+
+def test_paired_keeps_seeds_apart_and_pools_them_over_items(tmp_path, capsys):
+    """Two seeds of each cell are two columns (not one overwriting the other); each seed pairs with the
+    baseline's same seed, and the pooled row averages each item's difference over the seeds."""
+    import json
+
+    from qexp.analysis.paired import item_scores, main, pooled
+
+    ems = {("gptq", 0): "1000" * 25, ("gptq", 1): "0100" * 25,
+           ("lota", 0): "1100" * 25, ("lota", 1): "0100" * 25}  # lota: +25 items at seed 0, +0 at seed 1
+    for (method, seed), em in ems.items():
+        rec = {"config": {"method": {"name": method}, "bits": 4, "seed": seed},
+               "eval": {"lm_eval": {"final": {"items": {"qexp_asdiv": {"exact_match": em}}}}}}
+        (tmp_path / f"{method}{seed}").mkdir()
+        (tmp_path / f"{method}{seed}" / "result.json").write_text(json.dumps(rec))
+    scores = item_scores(tmp_path, "qexp_asdiv")
+    assert sorted(scores.columns) == ["gptq-w4-s0", "gptq-w4-s1", "lota-w4-s0", "lota-w4-s1"]
+    p = pooled(scores, "gptq", "4").set_index("cell")
+    assert p.at["lota-w4", "seeds"] == 2 and p.at["lota-w4", "items"] == 100
+    assert p.at["lota-w4", "diff"] == pytest.approx(0.125)  # (0.25 + 0) / 2
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| lota-w4-s0 | 100 | 50.0 | +25.0" in out and "| lota-w4-s1 | 100 | 25.0 | +0.0" in out
+    assert "| lota-w4 | 2 | 100 | 37.5 | +12.5" in out

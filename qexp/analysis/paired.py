@@ -48,6 +48,15 @@ def item_scores(sweep: str | Path, task: str, stage: str = "final") -> pd.DataFr
     return pd.DataFrame(cols).sort_index()
 
 
+def difference(d: pd.Series) -> dict:
+    """Per-item differences ``d`` → their mean, its 95 % interval (normal approximation) and verdict."""
+    n = len(d)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    diff = d.mean()
+    return {"items": n, "diff": diff, "ci_low": diff - half, "ci_high": diff + half,
+            "verdict": "unresolved" if (diff - half) <= 0 <= (diff + half) else "higher" if diff > 0 else "lower"}
+
+
 def paired(scores: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Each cell against ``baseline`` on the items both scored: exact match, difference, 95 % interval."""
     out = []
@@ -55,14 +64,9 @@ def paired(scores: pd.DataFrame, baseline: str) -> pd.DataFrame:
         keep = scores[cell].notna() & scores[baseline].notna()
         a, b = scores.loc[keep, cell], scores.loc[keep, baseline]
         d = a - b
-        n = len(d)
-        half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
-        diff = d.mean()
-        out.append({"cell": cell, "items": n, "exact_match": a.mean(), "vs": baseline,
-                    "diff": diff, "ci_low": diff - half, "ci_high": diff + half,
-                    "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum()),
-                    "verdict": "—" if cell == baseline else
-                    "unresolved" if (diff - half) <= 0 <= (diff + half) else "higher" if diff > 0 else "lower"})
+        out.append({"cell": cell, "exact_match": a.mean(), "vs": baseline, **difference(d),
+                    "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum())}
+                   | ({"verdict": "—"} if cell == baseline else {}))
     return pd.DataFrame(out)
 
 
@@ -79,13 +83,9 @@ def pooled(scores: pd.DataFrame, baseline: str, bits: str) -> pd.DataFrame:
         if not common:
             continue
         d = pd.concat([scores[mine[s]] - scores[base[s]] for s in common], axis=1).dropna().mean(axis=1)
-        n = len(d)
-        half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
         em = pd.concat([scores[mine[s]] for s in common], axis=1).loc[d.index].mean().mean()
-        out.append({"cell": f"{method}-w{bits}", "seeds": len(common), "items": n, "exact_match": em,
-                    "vs": f"{baseline}-w{bits}", "diff": d.mean(), "ci_low": d.mean() - half,
-                    "ci_high": d.mean() + half, "verdict": "unresolved" if (d.mean() - half) <= 0 <= (d.mean() + half)
-                    else "higher" if d.mean() > 0 else "lower"})
+        out.append({"cell": f"{method}-w{bits}", "seeds": len(common), "exact_match": em,
+                    "vs": f"{baseline}-w{bits}", **difference(d)})
     return pd.DataFrame(out)
 
 
